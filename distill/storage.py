@@ -1,0 +1,167 @@
+"""Paths that may be local or any pyarrow filesystem URI (s3://, gs://, hdfs://), and atomic Parquet shards.
+
+Every output file appears whole or not at all: local shards are written under a temporary name and renamed;
+object stores (S3, GCS) only make an object visible once its upload completes. That is what lets a killed run be
+rerun into the same directory: a row is done exactly when it sits in a complete shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from typing import Any, Iterable, Optional
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def is_local(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(uri: str, suffixes: Iterable[str] = (".parquet",)) -> list[str]:
+    """Files under `uri` (recursively) with one of `suffixes`, sorted; hidden and `_`-prefixed names skipped.
+    Returns URIs/paths in the same form as `uri`."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type == pafs.FileType.File:
+        return [uri]
+    suffixes = tuple(suffixes)
+    out = []
+    for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        rel = f.path[len(path.rstrip("/")) + 1:]
+        if f.type != pafs.FileType.File or any(p.startswith((".", "_")) for p in rel.split("/")):
+            continue
+        if f.path.endswith(suffixes):
+            out.append(join(uri, rel))
+    return sorted(out)
+
+
+def read_columns(uri: str, columns: list[str]) -> pa.Table:
+    """The given columns of every Parquet shard under `uri` (an empty table when there is none)."""
+    files = list_files(uri)
+    if not files:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    tables = []
+    for f in files:
+        fs, path = resolve(f)
+        tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def read_ids(uri: str) -> set[str]:
+    return set(read_columns(uri, ["id"]).column("id").to_pylist())
+
+
+def write_json(uri: str, obj: Any) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+    if is_local(fs):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def read_json(uri: str) -> Optional[Any]:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
+
+
+def remove(uri: str) -> None:
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+class ShardWriter:
+    """Buffers rows and writes them as atomic Parquet shards of at most `rows_per_shard` rows, or sooner when
+    `flush_seconds` have passed since the first buffered row (so a long run persists its progress)."""
+
+    def __init__(self, uri: str, prefix: str, schema: pa.Schema, rows_per_shard: int = 1000,
+                 flush_seconds: float = 60.0):
+        self.uri, self.prefix, self.schema = uri, prefix, schema
+        self.rows_per_shard, self.flush_seconds = rows_per_shard, flush_seconds
+        self.fs, self.path = resolve(uri)
+        self.fs.create_dir(self.path, recursive=True)
+        self.run = uuid.uuid4().hex[:8]
+        self.seq = 0
+        self.rows_written = 0
+        self._buffer: list[dict] = []
+        self._since: Optional[float] = None
+
+    def write(self, row: dict) -> None:
+        if not self._buffer:
+            self._since = time.monotonic()
+        self._buffer.append(row)
+        if len(self._buffer) >= self.rows_per_shard or time.monotonic() - self._since >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        table = pa.Table.from_pylist(self._buffer, schema=self.schema)
+        name = f"{self.prefix}-{self.run}-{self.seq:05d}.parquet"
+        final = f"{self.path}/{name}"
+        if is_local(self.fs):
+            tmp = f"{self.path}/.{name}.tmp"
+            pq.write_table(table, tmp)
+            os.replace(tmp, final)
+        else:
+            pq.write_table(table, final, filesystem=self.fs)
+        self.seq += 1
+        self.rows_written += len(self._buffer)
+        self._buffer = []
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        # On an exception the buffered rows are dropped on purpose: a rerun redoes them; writing a shard
+        # from a half-failed state is how rows get lost or duplicated.
+        if exc[0] is None:
+            self.close()
+
+
+def clean_temporaries(uri: str) -> None:
+    """Remove the temporary files a killed writer left behind (local filesystems only)."""
+    fs, path = resolve(uri)
+    if not is_local(fs) or not os.path.isdir(path):
+        return
+    for name in os.listdir(path):
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.remove(os.path.join(path, name))

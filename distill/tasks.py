@@ -1,0 +1,195 @@
+"""Task specs: what the teacher is told, what it must answer, and what the student learns.
+
+A task is a YAML file (see `distill/tasks/*.yaml` for the built-in ones). Users add their own with a YAML file and
+no code: `--task path/to/task.yaml`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from distill.config import ConfigError, StrictModel, build_config, read_yaml
+
+BUILTIN_DIR = Path(__file__).parent / "tasks"
+QUERY_SLOT = "{query}"
+
+
+class PromptSpec(StrictModel):
+    system: Optional[str] = Field(None, description="System message of the teacher (the long task prompt).")
+    user: str = Field(QUERY_SLOT, description="User message template; must contain the query slot {query}.")
+
+    @field_validator("user")
+    @classmethod
+    def _has_slot(cls, v: str) -> str:
+        if v.count(QUERY_SLOT) != 1:
+            raise ValueError(f"must contain the query slot {QUERY_SLOT} exactly once")
+        return v
+
+    @field_validator("system")
+    @classmethod
+    def _no_slot(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and QUERY_SLOT in v:
+            raise ValueError(f"the query slot {QUERY_SLOT} belongs in the user template, not the system prompt")
+        return v
+
+
+class AnswerSpec(StrictModel):
+    type: Literal["labels", "free_text"] = Field(description="A closed label set with a parser, or free text.")
+    labels: Optional[list[str]] = Field(None, description="The label set (type: labels).")
+    pattern: Optional[str] = Field(
+        None, description="Regex with one capture group that extracts the label from the answer (type: labels)."
+    )
+    template: str = Field("{label}", description="Canonical answer text the student learns; contains {label}.")
+    min_chars: int = Field(1, ge=1, description="Free-text answers shorter than this are rejected.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AnswerSpec":
+        if self.type == "labels":
+            if not self.labels:
+                raise ValueError("labels: a non-empty label set is required when type is 'labels'")
+            if len(set(self.labels)) != len(self.labels):
+                raise ValueError("labels: duplicate labels")
+            if self.pattern is None:
+                raise ValueError("pattern: a regex with one capture group is required when type is 'labels'")
+            try:
+                compiled = re.compile(self.pattern)
+            except re.error as err:
+                raise ValueError(f"pattern: not a valid regex: {err}") from None
+            if compiled.groups != 1:
+                raise ValueError(f"pattern: needs exactly one capture group, has {compiled.groups}")
+            if "{label}" not in self.template:
+                raise ValueError("template: must contain {label}")
+            for label in self.labels:
+                rendered = self.template.format(label=label)
+                m = compiled.search(rendered)
+                if not m or m.group(1) != label:
+                    raise ValueError(f"pattern does not parse the template's own answer {rendered!r}")
+        elif self.labels:
+            raise ValueError("labels: only allowed when type is 'labels'")
+        return self
+
+
+class TeacherSpec(StrictModel):
+    temperature: float = Field(0.15, ge=0.0, le=2.0, description="Teacher sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Teacher nucleus sampling.")
+    max_tokens: int = Field(256, ge=1, description="Most tokens the teacher may write, reasoning included.")
+    thinks: bool = Field(False, description="The teacher reasons in <think>...</think> before answering.")
+    constrained: bool = Field(
+        False, description="Constrain the teacher's decoding to the canonical answers of the label set."
+    )
+
+
+@dataclass(frozen=True)
+class ParsedAnswer:
+    """One teacher output taken apart. `answer` is None when it could not be used; `reason` says why."""
+
+    raw: str
+    reasoning: Optional[str]
+    visible: str
+    answer: Optional[str]
+    reason: Optional[str]
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_reasoning(raw: str) -> tuple[Optional[str], str, bool]:
+    """Split a teacher output into (reasoning, visible answer, finished).
+
+    Handles both `<think>...</think>answer` and the Qwen3-Thinking style where the chat template already opened
+    the think block, so the output holds only `...</think>answer`. `finished` is False when a think block was
+    opened and never closed (the teacher ran out of tokens while thinking).
+    """
+    if THINK_CLOSE in raw:
+        head, _, tail = raw.rpartition(THINK_CLOSE)
+        reasoning = head.split(THINK_OPEN, 1)[-1].strip()
+        return reasoning, tail.strip(), True
+    if THINK_OPEN in raw:
+        return raw.split(THINK_OPEN, 1)[1].strip(), "", False
+    return None, raw.strip(), True
+
+
+class TaskSpec(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Task name (used in outputs).")
+    description: str = Field("", description="One line on what the task is.")
+    prompt: PromptSpec = Field(description="The teacher's prompt; the student never sees it.")
+    answer: AnswerSpec = Field(description="What a valid answer looks like.")
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec, description="Teacher sampling defaults.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TaskSpec":
+        if self.teacher.constrained and self.answer.type != "labels":
+            raise ValueError("teacher.constrained: only possible with a label set (answer.type: labels)")
+        if self.teacher.constrained and self.teacher.thinks:
+            raise ValueError(
+                "teacher.constrained: cannot be combined with teacher.thinks (constrained decoding would forbid "
+                "the reasoning); rely on the parser and retries for thinking teachers"
+            )
+        return self
+
+    # -- what each model sees -------------------------------------------------------------------------------
+    def teacher_messages(self, query: str) -> list[dict[str, str]]:
+        """The teacher's conversation: the long prompt plus the query."""
+        messages = []
+        if self.prompt.system:
+            messages.append({"role": "system", "content": self.prompt.system})
+        messages.append({"role": "user", "content": self.prompt.user.replace(QUERY_SLOT, query)})
+        return messages
+
+    @staticmethod
+    def student_messages(query: str, answer: Optional[str] = None) -> list[dict[str, str]]:
+        """The student's conversation: the bare query, no prompt at all (plus the answer when training)."""
+        messages = [{"role": "user", "content": query}]
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+        return messages
+
+    def canonical_answers(self) -> Optional[list[str]]:
+        if self.answer.type != "labels":
+            return None
+        return [self.answer.template.format(label=label) for label in self.answer.labels]
+
+    # -- reading the teacher ------------------------------------------------------------------------------
+    def parse(self, raw: str) -> ParsedAnswer:
+        reasoning, visible, finished = split_reasoning(raw)
+        if not finished:
+            return ParsedAnswer(raw, reasoning, visible, None, "reasoning not finished (raise max_tokens)")
+        if self.answer.type == "free_text":
+            if len(visible) < self.answer.min_chars:
+                return ParsedAnswer(raw, reasoning, visible, None, f"answer shorter than {self.answer.min_chars} chars")
+            return ParsedAnswer(raw, reasoning, visible, visible, None)
+        m = re.search(self.answer.pattern, visible)
+        if not m:
+            return ParsedAnswer(raw, reasoning, visible, None, "no answer matching the task pattern")
+        label = m.group(1)
+        if label not in self.answer.labels:
+            return ParsedAnswer(raw, reasoning, visible, None, f"label {label!r} not in the label set")
+        return ParsedAnswer(raw, reasoning, visible, self.answer.template.format(label=label), None)
+
+    def label_of(self, answer: Optional[str]) -> Optional[str]:
+        """The label inside a canonical (or any parseable) answer, for label tasks; None if there is none."""
+        if self.answer.type != "labels" or not answer:
+            return None
+        m = re.search(self.answer.pattern, answer)
+        return m.group(1) if m and m.group(1) in self.answer.labels else None
+
+
+def builtin_tasks() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def load_task(name_or_path: str) -> TaskSpec:
+    """Load a built-in task by name (`language-id`, `persona`) or a user's task from a YAML path."""
+    path = Path(name_or_path)
+    if not (path.suffix in {".yaml", ".yml"} or path.exists()):
+        path = BUILTIN_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ConfigError(
+                f"unknown task {name_or_path!r}: not a file, and not a built-in task ({', '.join(builtin_tasks())})"
+            )
+    return build_config(TaskSpec, read_yaml(path), str(path))

@@ -1,0 +1,51 @@
+"""Shared fixtures: one real local Ray cluster per test session, the prepared models, and clean-up of the shared
+memory files vLLM leaves behind."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from distill.models import build_tiny_model, default_model_dir, is_prepared, tiny_model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """A random-init Llama with a locally trained tokenizer (built once; seconds)."""
+    return str(build_tiny_model(tiny_model_dir()))
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """The real SmolLM2-135M-Instruct, prepared by `make setup` (`distill models prepare`)."""
+    path = default_model_dir()
+    if not is_prepared(path):
+        pytest.fail(f"{path} is not prepared: run `make setup` (or `distill models prepare`)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real, private local Ray cluster (never an existing one) for the whole session."""
+    import ray
+
+    from distill.ray_init import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(object_store_memory=512 * 1024**2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_shared_memory():
+    """vLLM leaves /dev/shm/psm_* segments behind when its processes are killed; remove the ones we created."""
+    before = set(glob.glob("/dev/shm/psm_*"))
+    yield
+    for path in set(glob.glob("/dev/shm/psm_*")) - before:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
