@@ -6,21 +6,14 @@ Options given on the command line override the same keys of the `--config` YAML 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
 import sys
 
-
-def _generate(args) -> None:
-    from distill.config import load_config
-    from pipelines.generate import GenerateConfig, main
-
-    config = load_config(GenerateConfig, args.config, task=args.task, input=args.input, output=args.output,
-                         teacher=args.teacher, limit=args.limit)
-    manifest = main(config)
-    print(json.dumps({k: manifest[k] for k in ("rows_in", "rows_written", "rows_rejected", "reject_reasons")},
-                     indent=2))
-    print(f"examples: {config.output}/data\nrejects:  {config.output}/rejects\nmanifest: {config.output}/manifest.json")
+# Each stage module defines `add_cli(subparsers)`: its subcommand, options and handler live beside its config.
+STAGE_MODULES = [
+    "pipelines.generate",
+]
 
 
 def _models(args) -> None:
@@ -43,14 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if it exists")
     p.set_defaults(func=_models)
 
-    p = sub.add_parser("generate", help="teacher answers queries with the task prompt -> student training data")
-    p.add_argument("--task", help="built-in task name or task YAML path (default: language-id)")
-    p.add_argument("--input", help="queries: .txt/.jsonl/.parquet file or folder, local or URI")
-    p.add_argument("--output", help="output directory or URI")
-    p.add_argument("--teacher", help="teacher model folder or name")
-    p.add_argument("--limit", type=int, help="only the first N input rows")
-    p.add_argument("--config", help="YAML file with GenerateConfig fields")
-    p.set_defaults(func=_generate)
+    for module in STAGE_MODULES:
+        importlib.import_module(module).add_cli(sub)
     return parser
 
 

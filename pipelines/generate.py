@@ -406,3 +406,28 @@ def main(config: GenerateConfig) -> dict[str, Any]:
     log.info("wrote %d examples to %s, %d rejects to %s; manifest %s", manifest["rows_written"], data_dir(out),
              manifest["rows_rejected"], rejects_dir(out), manifest_path)
     return manifest
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="teacher answers queries with the task prompt -> student data")
+    p.add_argument("--task", help="built-in task name or task YAML path (default: language-id)")
+    p.add_argument("--input", help="queries: .txt/.jsonl/.parquet file or folder, local or URI")
+    p.add_argument("--output", help="output directory or URI")
+    p.add_argument("--teacher", help="teacher model folder or name")
+    p.add_argument("--limit", type=int, help="only the first N input rows")
+    p.add_argument("--config", help="YAML file with GenerateConfig fields (command-line options override it)")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> None:
+    import json
+
+    from distill.config import load_config
+
+    config = load_config(GenerateConfig, args.config, task=args.task, input=args.input, output=args.output,
+                         teacher=args.teacher, limit=args.limit)
+    manifest = main(config)
+    print(json.dumps({k: manifest[k] for k in ("rows_in", "rows_written", "rows_rejected", "reject_reasons")},
+                     indent=2))
+    print(f"examples: {data_dir(config.output)}\nrejects:  {rejects_dir(config.output)}\n"
+          f"manifest: {join(config.output, 'manifest.json')}")
