@@ -1,0 +1,170 @@
+"""Generation end to end on a real local Ray cluster with real vLLM engines (tiny model; SmolLM2 for the last)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from distill.formats import DATA_SCHEMA, REJECT_SCHEMA
+from distill.inputs import content_id
+from distill.models import sample_data_path
+from distill.storage import read_columns
+from distill.tasks import load_task
+from pipelines.generate import GenerateConfig, main
+
+SAMPLE = [json.loads(line) for line in sample_data_path().open(encoding="utf-8")]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def outputs(out: str):
+    data = pq.read_table(f"{out}/data")
+    rejects = pq.read_table(f"{out}/rejects") if os.listdir(f"{out}/rejects") else REJECT_SCHEMA.empty_table()
+    manifest = json.loads(Path(out, "manifest.json").read_text())
+    return data, rejects, manifest
+
+
+def assert_each_id_once(out: str, expected_ids: set[str]):
+    data, rejects, manifest = outputs(out)
+    ids = data.column("id").to_pylist() + rejects.column("id").to_pylist()
+    assert Counter(ids).most_common(1)[0][1] == 1, "an id was written twice"
+    assert set(ids) == expected_ids
+    assert manifest["rows_in"] == len(expected_ids) == manifest["rows_written"] + manifest["rows_rejected"]
+    assert manifest["rows_written"] == data.num_rows and manifest["rows_rejected"] == rejects.num_rows
+
+
+def test_pipeline_with_bad_rows_samples_and_logprobs(tmp_path, ray_cluster, tiny_model):
+    """The whole pipeline: schema, counts, ids, every bad row rejected with its reason, majority vote, top-k."""
+    good = SAMPLE[::60][:20]
+    rows = [{"id": r["id"], "text": r["text"], "label": r["label"]} for r in good] + [
+        {"id": "blank", "text": "   "},
+        {"id": good[0]["id"], "text": "a second row with a taken id"},
+        {"id": "too-long", "text": "word " * 3000},
+        {"id": "no-text", "query": "wrong field"},
+    ]
+    source = write_jsonl(tmp_path / "queries.jsonl", rows)
+    out = str(tmp_path / "gen")
+    config = GenerateConfig(input=source, output=out, teacher=tiny_model, samples=3, logprobs=3, rows_per_shard=8)
+    manifest = main(config)
+
+    data, rejects, _ = outputs(out)
+    assert data.schema.equals(DATA_SCHEMA) and rejects.schema.equals(REJECT_SCHEMA)
+    assert manifest["rows_in"] == 24 and manifest["rows_written"] == 20 and manifest["rows_rejected"] == 4
+    reasons = dict(zip(rejects.column("id").to_pylist(), rejects.column("reason").to_pylist()))
+    assert reasons["blank"] == "blank text (whitespace only)"
+    assert reasons["row-21"].startswith(f"duplicate id {good[0]['id']!r}")
+    assert reasons["too-long"].startswith("too long: 3000 query tokens")
+    assert reasons["row-23"] == "missing field 'text'"
+    assert set(rejects.column("stage").to_pylist()) == {"input"}
+
+    task = load_task("language-id")
+    canonical = set(task.canonical_answers())
+    by_id = {r["id"]: r for r in data.to_pylist()}
+    assert set(by_id) == {r["id"] for r in good}
+    for r in good:
+        ex = by_id[r["id"]]
+        # Prompt-free chat example: the bare query, then the teacher's canonical answer.
+        assert ex["messages"] == [{"role": "user", "content": r["text"]},
+                                  {"role": "assistant", "content": ex["answer"]}]
+        assert ex["answer"] in canonical and ex["label"] == task.label_of(ex["answer"])
+        assert ex["gold"] == r["label"] and ex["task"] == "language-id" and ex["teacher"] == tiny_model
+        assert ex["prompt_tokens"] > 1000  # the long prompt was there for the teacher ...
+        assert task.prompt.system[:200] not in json.dumps(ex["messages"])  # ... and is nowhere in the example
+        assert ex["samples"] == 3 and ex["agreement"] in {1 / 3, 2 / 3, 1.0} or abs(ex["agreement"] - 1 / 3) < 1e-6 \
+            or abs(ex["agreement"] - 2 / 3) < 1e-6
+        # Top-k logprobs of the chosen answer's tokens, aligned with them, best first.
+        assert len(ex["topk_ids"]) == len(ex["teacher_token_ids"]) == len(ex["topk_logprobs"]) > 0
+        for ids, lps in zip(ex["topk_ids"], ex["topk_logprobs"]):
+            assert 1 <= len(ids) <= 3 and lps == sorted(lps, reverse=True)
+
+    # `datasets` reads the output as it is.
+    import datasets
+    ds = datasets.load_dataset("parquet", data_dir=f"{out}/data", split="train")
+    assert ds.num_rows == 20 and ds[0]["messages"][0]["role"] == "user"
+
+    # Rerunning a complete output does nothing and changes nothing.
+    before = sorted(os.listdir(f"{out}/data"))
+    assert main(config)["rows_written"] == 20 and sorted(os.listdir(f"{out}/data")) == before
+
+
+def test_unparseable_answers_are_retried_then_rejected(tmp_path, ray_cluster, tiny_model):
+    """Without constrained decoding the random tiny model never writes 'Final Answer: xx': each query is tried
+    1 + retries times (a new engine seed each pass), then rejected with the parser's reason."""
+    task = tmp_path / "free-labels.yaml"
+    task.write_text(json.dumps({
+        "name": "free-labels", "prompt": {"system": "Answer with Final Answer: <label>.", "user": "{query}"},
+        "answer": {"type": "labels", "labels": ["en", "fr"], "pattern": r"Final Answer:\s*(\w\w)\b",
+                   "template": "Final Answer: {label}"},
+        "teacher": {"max_tokens": 6}}))
+    source = write_jsonl(tmp_path / "q.jsonl", [{"text": r["text"]} for r in SAMPLE[:6]])
+    out = str(tmp_path / "gen")
+    manifest = main(GenerateConfig(task=str(task), input=source, output=out, teacher=tiny_model, retries=1))
+    assert_each_id_once(out, {content_id(r["text"]) for r in SAMPLE[:6]})
+    assert manifest["rows_written"] == 0 and manifest["rows_rejected"] == 6
+    assert manifest["timings"]["attempts"]["0"]["retried"] == 6 and manifest["timings"]["attempts"]["1"]["rejected"] == 6
+    _, rejects, _ = outputs(out)
+    assert set(rejects.column("reason").to_pylist()) == {
+        "teacher: no answer matching the task pattern (after 2 attempt(s))"}
+    assert all(t for t in rejects.column("teacher_output").to_pylist())
+
+
+def test_killed_run_resumes_with_each_id_exactly_once(tmp_path, ray_cluster, tiny_model):
+    """Kill -9 a generation run after its first shards land, rerun into the same output: every id once."""
+    rows = [{"id": r["id"], "text": r["text"], "label": r["label"]} for r in SAMPLE[:160]]
+    source = write_jsonl(tmp_path / "q.jsonl", rows)
+    out = tmp_path / "gen"
+    config = tmp_path / "gen.yaml"
+    config.write_text(json.dumps({"rows_per_shard": 4, "flush_seconds": 1, "engine": {"batch_size": 4}}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "distill.cli", "generate", "--input", source, "--output", str(out),
+           "--teacher", tiny_model, "--config", str(config)]
+    log = open(tmp_path / "killed.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            shards = list((out / "data").glob("*.parquet")) if (out / "data").exists() else []
+            if len(shards) >= 2:
+                break
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail("no shard was written in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray cluster it started
+        proc.wait()
+    partial = read_columns(str(out / "data"), ["id"]).num_rows
+    assert 0 < partial < len(rows), "the kill must land mid-run"
+    assert not (out / "manifest.json").exists()
+
+    main(GenerateConfig(input=source, output=str(out), teacher=tiny_model, rows_per_shard=4, flush_seconds=1,
+                        engine={"batch_size": 4}))
+    assert_each_id_once(str(out), {r["id"] for r in rows})
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end_on_sample_rows(tmp_path, ray_cluster, smollm2):
+    """The real model on 50 rows of the bundled sample: every row answered with a valid label, or rejected."""
+    rows = SAMPLE[::26][:50]
+    source = write_jsonl(tmp_path / "q.jsonl", rows)
+    out = str(tmp_path / "gen")
+    manifest = main(GenerateConfig(input=source, output=out, teacher=smollm2, engine={"batch_size": 25}))
+    assert_each_id_once(out, {r["id"] for r in rows})
+    data, _, _ = outputs(out)
+    task = load_task("language-id")
+    # Constrained decoding: the weak model's every answer is a valid label.
+    assert manifest["rows_written"] == 50
+    assert all(task.label_of(a) for a in data.column("answer").to_pylist())
+    assert len(set(data.column("label").to_pylist())) >= 2, "a real model does not answer one label for everything"
