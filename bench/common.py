@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from distill.processes import kill_session, session_processes
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -61,6 +63,7 @@ def run_script(args: list[str], env: dict | None = None, timeout: float = 1800) 
         out, err = proc.communicate(timeout=timeout)
     finally:
         peak.stop()
+        kill_session(proc.pid)  # whatever the run left behind (engine processes leave its process group)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{err[-4000:]}")
     result = json.loads(out.strip().splitlines()[-1])
@@ -81,11 +84,10 @@ class PeakMemory(threading.Thread):
 
         while not self._stop.is_set():
             total = 0
-            for p in psutil.process_iter(["pid"]):
+            for p in session_processes(self.sid):
                 try:
-                    if os.getsid(p.pid) == self.sid:
-                        total += p.memory_info().rss
-                except (psutil.Error, ProcessLookupError, PermissionError):
+                    total += p.memory_info().rss
+                except psutil.Error:
                     continue
             self.peak = max(self.peak, total)
             time.sleep(self.every)

@@ -38,7 +38,9 @@ DATA_SCHEMA = pa.schema([
 ])
 
 REJECT_SCHEMA = pa.schema([
+    # A duplicate input row keeps its (taken) id, so ids repeat here; `row` identifies the input row.
     ("id", pa.string()),
+    ("row", pa.int64()),                        # position in the input (all files in order)
     ("text", pa.string()),
     ("reason", pa.string()),
     ("stage", pa.string()),                     # "input" (before any engine) or "teacher"

@@ -77,7 +77,7 @@ def attempt_dir(out: str, attempt: int) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Prepare
-def teacher_sampling(config: GenerateConfig, task: TaskSpec, tokenizer) -> dict[str, Any]:
+def teacher_sampling(config: GenerateConfig, task: TaskSpec) -> dict[str, Any]:
     params: dict[str, Any] = {
         "temperature": config.temperature if config.temperature is not None else task.teacher.temperature,
         "top_p": task.teacher.top_p,
@@ -86,8 +86,11 @@ def teacher_sampling(config: GenerateConfig, task: TaskSpec, tokenizer) -> dict[
     choices = task.canonical_answers() if task.teacher.constrained else None
     if choices:
         params["structured_outputs"] = {"choice": choices}
-        # The longest canonical answer must fit, whatever the tokenizer makes of it.
-        longest = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices)
+        # The longest canonical answer must fit however the constrained teacher spells it: a weak model may
+        # write an allowed answer a few characters per token (SmolLM2 took 13 tokens for "Final Answer: ru"), so
+        # budget its length in bytes, not in the tokenizer's usual tokens. Decoding stops once an answer is
+        # complete, so the spare budget costs nothing.
+        longest = max(len(c.encode("utf-8")) for c in choices)
         params["max_tokens"] = max(params["max_tokens"], longest + 2)
     if config.logprobs:
         params["logprobs"] = config.logprobs
@@ -143,7 +146,7 @@ def prepare(config: GenerateConfig, task: TaskSpec, tokenizer, sampling: dict[st
             pending.clear()
 
         def reject(row, reason: str) -> None:
-            rejects.write({"id": row.id, "text": row.text, "reason": reason, "stage": "input",
+            rejects.write({"id": row.id, "row": row.row, "text": row.text, "reason": reason, "stage": "input",
                            "teacher_output": None})
             stats["rejected"] += 1
 
@@ -176,17 +179,17 @@ def build_generation_pipeline(ds, config: GenerateConfig, task: TaskSpec, sampli
     """
     from ray.data.llm import build_processor
 
-    samples = config.samples
+    samples, top_k = config.samples, config.logprobs
 
     def preprocess(row: dict) -> dict:
         return {"messages": task.teacher_messages(row["text"]), "sampling_params": sampling}
 
     def postprocess(row: dict) -> dict:
         return {
-            "id": row["id"], "text": row["text"], "gold": row["gold"], "sample": row["sample"],
+            "id": row["id"], "row": row["row"], "text": row["text"], "gold": row["gold"], "sample": row["sample"],
             "generated_text": row["generated_text"], "generated_tokens": list(row["generated_tokens"]),
             "num_input_tokens": row["num_input_tokens"], "num_generated_tokens": row["num_generated_tokens"],
-            "logprobs": _topk(row.get("logprobs"), row["generated_tokens"]),
+            "logprobs": _topk(row.get("logprobs"), row["generated_tokens"], top_k),
         }
 
     ds = ds.flat_map(lambda r: [{**r, "sample": s} for s in range(samples)])
@@ -205,16 +208,17 @@ def build_generation_pipeline(ds, config: GenerateConfig, task: TaskSpec, sampli
     return processor(ds)
 
 
-def _topk(logprobs, tokens) -> Optional[dict]:
+def _topk(logprobs, tokens, k: int) -> Optional[dict]:
     """vLLM's per-token {token_id: {logprob, rank, decoded_token}} -> sorted top-k ids and logprobs per token,
-    plus each sampled token's text (to find where the answer starts after any reasoning)."""
+    plus each sampled token's text (to find where the answer starts after any reasoning). vLLM adds the sampled
+    token to the k best when it ranks lower; it is dropped here so every position has exactly the top k."""
     if not logprobs:
         return None
     ids, lps, texts = [], [], []
     for position, token in zip(logprobs, tokens):
         ranked = sorted(((int(t), info) for t, info in position.items() if info is not None),
                         key=lambda item: item[1]["rank"] if item[1].get("rank") is not None else 1 << 30)
-        top = [(t, info) for t, info in ranked if info["rank"] is not None]
+        top = [(t, info) for t, info in ranked if info.get("rank") is not None and info["rank"] <= k]
         ids.append([t for t, _ in top])
         lps.append([float(info["logprob"]) for _, info in top])
         chosen = position.get(int(token)) or position.get(str(int(token))) or {}
@@ -262,12 +266,13 @@ class Decider:
         reason, _ = reasons.most_common(1)[0]
         inference_failed = reason.startswith("inference error")
         if not self.last and not inference_failed:
-            self.writers["retry"].write({"id": first["id"], "text": first["text"], "gold": first["gold"], "row": -1})
+            self.writers["retry"].write({k: first[k] for k in ("id", "text", "gold", "row")})
             self.counts["retried"] += 1
             return
         tries = "" if inference_failed else f" (after {self.attempt + 1} attempt(s))"
-        self.writers["rejects"].write({"id": first["id"], "text": first["text"], "reason": f"teacher: {reason}{tries}",
-                                       "stage": "teacher", "teacher_output": first.get("generated_text")})
+        self.writers["rejects"].write({"id": first["id"], "row": first["row"], "text": first["text"],
+                                       "reason": f"teacher: {reason}{tries}", "stage": "teacher",
+                                       "teacher_output": first.get("generated_text")})
         self.counts["rejected"] += 1
 
     def _example(self, s: dict, p, agreement: float) -> dict:
@@ -293,7 +298,7 @@ def run_attempt(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any]
 
     out = config.output
     source = attempt_dir(out, attempt)
-    done = read_ids(data_dir(out)) | read_ids(rejects_dir(out)) | read_ids(attempt_dir(out, attempt + 1))
+    done = read_ids(data_dir(out)) | teacher_rejected_ids(out) | read_ids(attempt_dir(out, attempt + 1))
     pending = read_ids(source) - done
     if not pending:
         return Counter()
@@ -305,7 +310,10 @@ def run_attempt(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any]
         return batch.filter(pc.is_in(batch["id"], value_set=ray.get(pending_ref)))
 
     ds = ray.data.read_parquet(list_files(source), ray_remote_args={"num_cpus": 0.25})
-    ds = ds.map_batches(keep_pending, batch_format="pyarrow", num_cpus=0.25).select_columns(["id", "text", "gold"])
+    ds = ds.map_batches(keep_pending, batch_format="pyarrow", num_cpus=0.25).select_columns(["id", "text", "gold", "row"])
+    # Small blocks stream: answers reach the driver (and durable shards) a few batches at a time instead of one
+    # block per staged file at the very end, and memory stays flat however many rows there are.
+    ds = ds.repartition(target_num_rows_per_block=4 * config.engine.batch_size)
     results = build_generation_pipeline(ds, config, task, sampling, attempt)
 
     writers = {
@@ -343,22 +351,36 @@ def run_attempt(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any]
 
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Accounting
+def teacher_rejected_ids(out: str) -> set[str]:
+    rejected = read_columns(rejects_dir(out), ["id", "stage"])
+    return {i for i, stage in zip(rejected.column("id").to_pylist(), rejected.column("stage").to_pylist())
+            if stage == "teacher"}
+
+
 def account(config: GenerateConfig, prepared: dict[str, Any]) -> dict[str, Any]:
+    """Prove that every input row is in exactly one place: data/ or rejects/ (else raise)."""
     out = config.output
     written = read_columns(data_dir(out), ["id"]).column("id").to_pylist()
-    rejected = read_columns(rejects_dir(out), ["id", "reason"])
-    rejected_ids = rejected.column("id").to_pylist()
-    all_ids = written + rejected_ids
-    duplicates = len(all_ids) - len(set(all_ids))
-    if duplicates:
-        raise RuntimeError(f"{duplicates} ids appear more than once in {out}/data and {out}/rejects")
-    if len(all_ids) != prepared["rows_in"]:
-        missing = read_ids(work_dir(out, "queries")) - set(all_ids)
-        raise RuntimeError(
-            f"rows_in={prepared['rows_in']} but written+rejected={len(all_ids)}; missing ids: {sorted(missing)[:10]}")
+    rejected = read_columns(rejects_dir(out), ["id", "row", "stage", "reason"])
+    rows = rejected.column("row").to_pylist()
+    stages = rejected.column("stage").to_pylist()
+    teacher_rejected = [i for i, st in zip(rejected.column("id").to_pylist(), stages) if st == "teacher"]
+    answered = written + teacher_rejected
+    problems = []
+    if len(set(answered)) != len(answered):
+        problems.append(f"{len(answered) - len(set(answered))} query ids written or rejected more than once")
+    if len(set(rows)) != len(rows):
+        problems.append(f"{len(rows) - len(set(rows))} input rows rejected more than once")
+    missing = read_ids(work_dir(out, "queries")) - set(answered)
+    if missing:
+        problems.append(f"{len(missing)} queries neither written nor rejected, e.g. {sorted(missing)[:5]}")
+    if len(written) + len(rows) != prepared["rows_in"]:
+        problems.append(f"rows_in={prepared['rows_in']} but written+rejected={len(written) + len(rows)}")
+    if problems:
+        raise RuntimeError(f"accounting failed for {out}: " + "; ".join(problems))
     reasons = Counter(r.split(":")[0] if r.startswith("teacher: inference") else r.split(" (")[0]
                       for r in rejected.column("reason").to_pylist())
-    return {"rows_in": prepared["rows_in"], "rows_written": len(written), "rows_rejected": len(rejected_ids),
+    return {"rows_in": prepared["rows_in"], "rows_written": len(written), "rows_rejected": len(rows),
             "reject_reasons": dict(reasons.most_common())}
 
 
@@ -378,7 +400,7 @@ def main(config: GenerateConfig) -> dict[str, Any]:
     for d in (data_dir(out), rejects_dir(out)):
         clean_temporaries(d)
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
-    sampling = teacher_sampling(config, task, tokenizer)
+    sampling = teacher_sampling(config, task)
     prepared = prepare(config, task, tokenizer, sampling)
 
     attempts = {}

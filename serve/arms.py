@@ -1,0 +1,178 @@
+"""One arm of the rollout: a Ray Serve deployment around a vLLM `AsyncLLM` engine.
+
+The teacher arm adds the task's long prompt server-side and keeps its reasoning out of the visible answer; the
+student arm serves one base model with several LoRA adapters (one per task) and answers the bare user message.
+Requests arrive as plain dicts from the gateway (`serve/app.py`), already validated for shape; this class checks
+what only the engine can know (token counts against the context) and answers bad input with an error dict,
+never an exception, so a bad request cannot look like a failing replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import AsyncIterator, Optional
+
+from distill.tasks import THINK_OPEN, TaskSpec, load_task, split_reasoning
+from serve.config import StudentArmConfig, TeacherArmConfig, adapter_rank, vllm_max_lora_rank
+from serve.protocol import ThinkSplitter
+
+log = logging.getLogger("distill.serve.arm")
+
+TEACHER_ROLE, STUDENT_ROLE = "teacher", "student"
+
+
+def teacher_conversation(task: TaskSpec, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The teacher's view of a client conversation: the task prompt wraps the last user message; earlier turns
+    stay in order; a client's own system text is appended to the task's system prompt (one system message,
+    which every chat template accepts)."""
+    convo = task.teacher_messages(messages[-1]["content"])
+    client_system = "\n\n".join(m["content"] for m in messages[:-1] if m["role"] == "system" and m["content"])
+    history = [m for m in messages[:-1] if m["role"] != "system"]
+    if client_system:
+        if convo[0]["role"] == "system":
+            convo[0] = {"role": "system", "content": convo[0]["content"].rstrip() + "\n\n" + client_system}
+        else:
+            convo.insert(0, {"role": "system", "content": client_system})
+    return convo[:-1] + history + convo[-1:]
+
+
+class LLMArm:
+    """Deployed with `serve.deployment(LLMArm).options(...)` in `serve/app.py`, once per arm."""
+
+    def __init__(self, role: str, arm_config: dict, task_source: str, device: str):
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from distill.engine import engine_kwargs
+
+        self.role = role
+        self.config = (TeacherArmConfig if role == TEACHER_ROLE else StudentArmConfig).model_validate(arm_config)
+        self.task = load_task(task_source)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.config.model)
+        self.max_model_len = self.config.engine.max_model_len
+
+        extra = {"model": self.config.model, "disable_log_stats": True}
+        adapters = getattr(self.config, "adapters", {}) or {}
+        if adapters:
+            extra.update(enable_lora=True, max_loras=len(adapters),
+                         max_lora_rank=vllm_max_lora_rank([adapter_rank(p) for p in adapters.values()]))
+        if device == "gpu" and self.config.engine.tensor_parallel_size > 1:
+            extra["distributed_executor_backend"] = "ray"
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(self.config.engine, device, **extra)))
+        self.loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters.items())}
+
+        guided = self.config.guided if self.config.guided is not None else self.task.teacher.constrained
+        self.choices: Optional[list[str]] = None
+        if guided and self.task.answer.type == "labels":
+            self.choices = self.config.guided_choices or self.task.canonical_answers()
+        # A guided answer cut off mid-label is useless: never let max_tokens go below the longest allowed answer.
+        # Counted in bytes, not in the tokenizer's own tokens: under the grammar a model may spell an answer with
+        # many short tokens (a weak model does), and the grammar ends generation when the answer is complete, so
+        # the generous bound costs nothing.
+        self.min_tokens_for_choice = 0
+        if self.choices:
+            self.min_tokens_for_choice = 1 + max(len(c.encode("utf-8")) for c in self.choices)
+        self.default_max_tokens = self.config.max_tokens or self.task.teacher.max_tokens
+        self.default_temperature = (self.config.temperature if self.config.temperature is not None
+                                    else self.task.teacher.temperature)
+        log.info("%s arm ready: %s, adapters %s, guided %s", role, self.config.model, sorted(self.loras),
+                 bool(self.choices))
+
+    # -- Serve hooks ------------------------------------------------------------------------------------------
+    async def check_health(self) -> None:
+        """Serve calls this periodically; a dead engine fails it and Serve replaces the replica."""
+        await self.engine.check_health()
+
+    async def info(self) -> dict:
+        return {"role": self.role, "model": self.config.model, "adapters": sorted(self.loras),
+                "max_model_len": self.max_model_len, "guided_choices": self.choices}
+
+    # -- requests ---------------------------------------------------------------------------------------------
+    def _prepare(self, req: dict, stream: bool) -> dict:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+        messages = req["messages"]
+        lora = None
+        if self.role == TEACHER_ROLE:
+            messages = teacher_conversation(self.task, messages)
+            template_kwargs = {"enable_thinking": self.task.teacher.thinks}
+        else:
+            adapter = req.get("adapter")
+            if adapter is not None:
+                if adapter not in self.loras:
+                    return {"error": {"status": 404, "message": f"adapter {adapter!r} is not served"}}
+                lora = self.loras[adapter]
+            template_kwargs = {"enable_thinking": False}
+        prompt_text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                                         **template_kwargs)
+        prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        max_tokens = max(req.get("max_tokens") or self.default_max_tokens, self.min_tokens_for_choice)
+        if len(prompt_ids) + max_tokens > self.max_model_len:
+            added = " (the task prompt included)" if self.role == TEACHER_ROLE else ""
+            return {"error": {"status": 400, "message": (
+                f"input too long: {len(prompt_ids)} prompt tokens{added} + max_tokens {max_tokens} exceed the "
+                f"{self.role}'s context of {self.max_model_len} tokens")}}
+        temperature = req.get("temperature")
+        params = SamplingParams(
+            temperature=self.default_temperature if temperature is None else temperature,
+            top_p=req.get("top_p") or (self.task.teacher.top_p if self.role == TEACHER_ROLE else 1.0),
+            max_tokens=max_tokens,
+            stop=req.get("stop"),
+            structured_outputs=StructuredOutputsParams(choice=self.choices) if self.choices else None,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+        )
+        return {
+            "prompt": TokensPrompt(prompt_token_ids=prompt_ids), "params": params, "lora": lora,
+            "prompt_tokens": len(prompt_ids),
+            # Qwen3-Thinking style templates open the think block themselves: the output starts inside it.
+            "think_opened": prompt_text.rstrip().endswith(THINK_OPEN),
+            "request_id": f"{self.role}-{req.get('request_id') or uuid.uuid4().hex}",
+        }
+
+    async def generate(self, req: dict) -> dict:
+        """A whole answer: visible text, reasoning (teacher), token counts and finish reason — or an error."""
+        prep = self._prepare(req, stream=False)
+        if "error" in prep:
+            return prep
+        final = None
+        async for out in self.engine.generate(prep["prompt"], prep["params"], prep["request_id"],
+                                              lora_request=prep["lora"]):
+            final = out
+        output = final.outputs[0]
+        raw = output.text
+        if self.role == TEACHER_ROLE:
+            reasoning, visible, _ = split_reasoning(("<think>" if prep["think_opened"] else "") + raw)
+        else:
+            reasoning, visible = None, raw
+        return {"text": visible, "reasoning": reasoning, "prompt_tokens": prep["prompt_tokens"],
+                "completion_tokens": len(output.token_ids), "finish_reason": output.finish_reason or "stop"}
+
+    async def stream(self, req: dict) -> AsyncIterator[dict]:
+        """The answer as it is generated. The first item is either an error or {"accepted": ...}, so the gateway
+        can still answer 4xx before it commits to a 200 event stream."""
+        prep = self._prepare(req, stream=True)
+        if "error" in prep:
+            yield prep
+            return
+        yield {"accepted": True, "prompt_tokens": prep["prompt_tokens"]}
+        splitter = ThinkSplitter(opened=prep["think_opened"]) if self.role == TEACHER_ROLE else None
+        completion_tokens, finish_reason = 0, None
+        async for out in self.engine.generate(prep["prompt"], prep["params"], prep["request_id"],
+                                              lora_request=prep["lora"]):
+            output = out.outputs[0]
+            completion_tokens += len(output.token_ids)
+            reasoning, content = splitter.feed(output.text) if splitter else ("", output.text)
+            if reasoning or content:
+                yield {"reasoning": reasoning, "content": content}
+            if out.finished:
+                finish_reason = output.finish_reason
+        if splitter:
+            reasoning, content = splitter.flush()
+            if reasoning or content:
+                yield {"reasoning": reasoning, "content": content}
+        yield {"done": True, "finish_reason": finish_reason or "stop", "prompt_tokens": prep["prompt_tokens"],
+               "completion_tokens": completion_tokens}

@@ -1,0 +1,332 @@
+"""End to end: real Ray Serve, real vLLM engines (tiny model, a real LoRA adapter), real HTTP on 127.0.0.1.
+
+One Serve application is started for the whole module (two engines take about a minute to start on 2 cores) and
+every test talks to it over HTTP. Tests that depend on the rollout state set the share they need first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from serve.router import quantile, user_fraction
+
+API_KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+QUERIES = [
+    "Everyone has the right to life, liberty and security of person.",
+    "Toute personne a droit à la vie, à la liberté et à la sûreté de sa personne.",
+    "Jeder hat das Recht auf Leben, Freiheit und Sicherheit der Person.",
+    "Todo individuo tiene derecho a la vida, a la libertad y a la seguridad de su persona.",
+    "Всеки човек има право на живот, свобода и лична сигурност.",
+    "每个人都有权享有生命、自由和人身安全。",
+    "Herkes yaşamak, özgürlük ve kişi güvenliği hakkına sahiptir.",
+    "Mọi người đều có quyền sống, quyền tự do và an toàn cá nhân.",
+]
+TEACHER_CHOICES = [f"Final Answer: {label}" for label in ("en", "fr", "de", "es", "ru", "zh", "tr", "vi")]
+# The student is forced to a label the teacher never gives: every shadow comparison disagrees, deterministically.
+STUDENT_CHOICES = ["Final Answer: ot"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_adapter(base: str, dest, seed: int, rank: int = 8) -> str:
+    """A real PEFT LoRA adapter on the tiny model, with random (non-zero) lora_B so it changes the outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear",
+                                                  task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)
+    peft_model.save_pretrained(str(dest))
+    return str(dest)
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_model, tmp_path_factory):
+    from serve.app import start, stop
+    from serve.config import ServeConfig
+
+    adapters = tmp_path_factory.mktemp("adapters")
+    engine = {"max_model_len": 2048, "kv_cache_memory_bytes": 128 * 1024**2}
+    config = ServeConfig.model_validate({
+        "task": "language-id",
+        "port": _free_port(),
+        "api_key": API_KEY,
+        "max_request_bytes": 64 * 1024,
+        "teacher": {"model": tiny_model, "guided": True, "guided_choices": TEACHER_CHOICES, "temperature": 0.0,
+                    "engine": engine},
+        "student": {"model": tiny_model, "guided": True, "guided_choices": STUDENT_CHOICES, "temperature": 0.0,
+                    "engine": engine, "max_replicas": 2,
+                    "adapters": {"language-id": make_adapter(tiny_model, adapters / "langid", seed=1),
+                                 "langid-v2": make_adapter(tiny_model, adapters / "langid-v2", seed=2, rank=16)}},
+        "rollout": {"student_share": 0.0, "shadow_sample_rate": 0.0, "agreement_window": 10,
+                    "min_agreement_samples": 10, "min_agreement": 0.9, "max_student_p95_s": None},
+    })
+    assert config.host == "127.0.0.1"
+    url = start(config)
+    yield url
+    stop(config)
+
+
+def post(url: str, path: str, body, headers=AUTH, timeout=120) -> httpx.Response:
+    return httpx.post(url + path, json=body, headers=headers, timeout=timeout)
+
+
+def set_share(url: str, share: float, shadow: float = 0.0) -> dict:
+    r = post(url, "/admin/share", {"student_share": share, "shadow_sample_rate": shadow, "reason": "test"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stats(url: str) -> dict:
+    r = httpx.get(url + "/stats", headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def chat(model: str, text: str, **extra) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
+
+
+# -- the OpenAI API ---------------------------------------------------------------------------------------------
+def test_models_endpoint_lists_arms_routed_model_and_adapters(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server + "/v1", api_key=API_KEY)
+    ids = {m.id for m in client.models.list()}
+    assert ids == {"teacher", "student", "routed", "language-id", "langid-v2"}
+
+
+def test_both_arms_answer_through_the_openai_client(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server + "/v1", api_key=API_KEY)
+    teacher = client.chat.completions.create(model="teacher", messages=[{"role": "user", "content": QUERIES[0]}],
+                                             max_tokens=8)
+    student = client.chat.completions.create(model="student", messages=[{"role": "user", "content": QUERIES[0]}],
+                                             max_tokens=8)
+    assert teacher.choices[0].message.content in TEACHER_CHOICES
+    assert student.choices[0].message.content in STUDENT_CHOICES
+    # The task prompt is added server-side for the teacher only: its prompt is far longer than the student's.
+    assert teacher.usage.prompt_tokens > student.usage.prompt_tokens + 200
+    assert student.usage.completion_tokens >= 1
+    # Every adapter is also a model of its own, on the same base engine.
+    other = client.chat.completions.create(model="langid-v2", messages=[{"role": "user", "content": QUERIES[1]}])
+    assert other.choices[0].message.content in STUDENT_CHOICES
+    raw = client.chat.completions.with_raw_response.create(
+        model="routed", messages=[{"role": "user", "content": QUERIES[2]}], user="someone")
+    assert raw.headers["x-distill-arm"] in {"teacher", "student"}
+
+
+def test_streaming_through_the_openai_client(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server + "/v1", api_key=API_KEY)
+    for model, choices in (("teacher", TEACHER_CHOICES), ("student", STUDENT_CHOICES)):
+        stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": QUERIES[3]}],
+                                                stream=True, stream_options={"include_usage": True})
+        pieces, finish, usage = [], None, None
+        for event in stream:
+            if event.usage:
+                usage = event.usage
+            for choice in event.choices:
+                pieces.append(choice.delta.content or "")
+                finish = choice.finish_reason or finish
+        assert "".join(pieces) in choices
+        assert finish in {"stop", "length"}
+        assert usage is not None and usage.completion_tokens >= 1
+
+
+def test_teacher_reasoning_is_returned_apart_from_the_content(server):
+    """The tiny teacher does not think, so the message has no reasoning and the content is the bare label; the
+    splitting of real <think> output is covered in test_serve_router.py (both whole and streamed)."""
+    r = post(server, "/v1/chat/completions", chat("teacher", QUERIES[4]))
+    assert r.status_code == 200, r.text
+    message = r.json()["choices"][0]["message"]
+    assert message["content"] in TEACHER_CHOICES
+    assert "<think>" not in message["content"] and "reasoning_content" not in message
+
+
+# -- A/B routing -------------------------------------------------------------------------------------------------
+async def _send_all(url: str, bodies: list[dict], concurrency: int, headers=AUTH) -> list[httpx.Response]:
+    semaphore = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
+        async def one(body):
+            async with semaphore:
+                return await client.post("/v1/chat/completions", json=body)
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_ab_split_lands_within_tolerance_and_is_sticky_per_user(server):
+    share = 0.3
+    set_share(server, share)
+    users = [f"user-{i}" for i in range(300)]
+    bodies = [chat("routed", QUERIES[i % len(QUERIES)], user=u, max_tokens=1) for i, u in enumerate(users)]
+    responses = asyncio.run(_send_all(server, bodies, concurrency=16))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200][:3]
+    arms = [r.headers["x-distill-arm"] for r in responses]
+    fraction = arms.count("student") / len(arms)
+    # 3 standard deviations of a binomial(300, 0.3) fraction.
+    assert abs(fraction - share) < 3 * (share * (1 - share) / len(arms)) ** 0.5, fraction
+    # Sticky: the arm is exactly the one the user's hash decides, and it does not change on repeat.
+    assert arms == ["student" if user_fraction(u) < share else "teacher" for u in users]
+    again = asyncio.run(_send_all(server, bodies[:40], concurrency=8))
+    assert [r.headers["x-distill-arm"] for r in again] == arms[:40]
+    # The user id may come in a header instead of the body.
+    header_user = [httpx.post(server + "/v1/chat/completions", json=chat("routed", QUERIES[0], max_tokens=1),
+                              headers={**AUTH, "x-user-id": users[7]}, timeout=60) for _ in range(3)]
+    assert {r.headers["x-distill-arm"] for r in header_user} == {arms[7]}
+    # Runtime change: share 1.0 sends everyone to the student, 0 everyone to the teacher.
+    for share, arm in ((1.0, "student"), (0.0, "teacher")):
+        set_share(server, share)
+        served = asyncio.run(_send_all(server, bodies[:20], concurrency=8))
+        assert {r.headers["x-distill-arm"] for r in served} == {arm}
+
+
+def test_rollback_fires_when_the_student_disagrees(server):
+    set_share(server, 1.0, shadow=1.0)
+    before = stats(server)["rollbacks"]
+    # Small batches, so the shadow requests keep up (more than max_shadow_in_flight at once are skipped).
+    current, sent = stats(server), 0
+    deadline = time.monotonic() + 180
+    while current["rollbacks"] == before and time.monotonic() < deadline:
+        bodies = [chat("routed", QUERIES[(sent + i) % len(QUERIES)], user=f"rollback-{sent + i}") for i in range(4)]
+        responses = asyncio.run(_send_all(server, bodies, concurrency=4))
+        sent += len(bodies)
+        assert all(r.status_code == 200 for r in responses)
+        arms = {r.headers["x-distill-arm"] for r in responses}
+        current = stats(server)
+        assert arms == {"student"} or current["rollbacks"] > before
+        time.sleep(0.3)
+        current = stats(server)
+    assert current["rollbacks"] == before + 1, current
+    assert current["student_share"] == 0.0
+    event = current["events"][-1]
+    assert event["kind"] == "rollback" and "live agreement 0.000" in event["reason"], event
+    assert current["agreement"]["shadow"]["disagree"] >= 10
+    metrics = httpx.get(server + "/metrics", headers=AUTH, timeout=30).text
+    assert f"distill_rollbacks_total {before + 1}" in metrics
+    assert "distill_student_share 0.0" in metrics
+    bodies = [chat("routed", q, user=f"after-rollback-{i}") for i, q in enumerate(QUERIES)]
+    after = asyncio.run(_send_all(server, bodies, concurrency=4))
+    assert {r.headers["x-distill-arm"] for r in after} == {"teacher"}
+
+
+# -- security and bad input -------------------------------------------------------------------------------------
+def test_api_key_is_required(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        r = post(server, "/v1/chat/completions", chat("teacher", "hi"), headers=headers)
+        assert r.status_code == 401, r.text
+        assert "API key" in r.json()["error"]["message"]
+    assert httpx.get(server + "/v1/models", timeout=30).status_code == 401
+    assert post(server, "/admin/share", {"student_share": 1.0}, headers={}).status_code == 401
+    assert httpx.get(server + "/stats", timeout=30).status_code == 401
+    from openai import AuthenticationError, OpenAI
+
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=server + "/v1", api_key="wrong").models.list()
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "malformed JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (json.dumps(chat("gpt-4", "hi")).encode(), 404, "does not exist"),
+    (json.dumps({"model": "teacher", "messages": []}).encode(), 400, "messages"),
+    (json.dumps({"model": "teacher"}).encode(), 400, "messages"),
+    (json.dumps({"model": "teacher", "messages": [{"role": "user", "content": "   "}]}).encode(), 400, "empty"),
+    (json.dumps({"model": "teacher", "messages": [{"role": "assistant", "content": "x"}]}).encode(), 400,
+     "last message"),
+    (json.dumps({"model": "teacher", "messages": [{"role": "wizard", "content": "x"}]}).encode(), 400, "role"),
+    (json.dumps(chat("teacher", "hi", n=2)).encode(), 400, "n=1"),
+    (json.dumps(chat("teacher", "hi", seed=3)).encode(), 400, "seed"),
+    (json.dumps(chat("teacher", "hi", temperature=5)).encode(), 400, "temperature"),
+    (json.dumps(chat("teacher", "hi", max_tokens=0)).encode(), 400, "max_tokens"),
+    (json.dumps(chat("student", "x " * 40_000)).encode(), 413, "exceeds the limit"),
+    # Under the byte limit but over the engine's context: refused by the arm with the token counts.
+    (json.dumps(chat("student", "Everyone has the right to life. " * 1500)).encode(), 400, "input too long"),
+    (json.dumps(chat("teacher", "Everyone has the right to life. " * 1500, stream=True)).encode(), 400,
+     "input too long"),
+])
+def test_bad_input_gets_4xx_with_a_message(server, body, status, message):
+    r = httpx.post(server + "/v1/chat/completions", content=body,
+                   headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]["message"], r.json()
+
+
+def test_bad_share_changes_are_refused(server):
+    for body in ({"student_share": 1.5}, {"student_share": -0.1}, {"share": 0.5}, {"student_share": 0.2,
+                                                                                   "shadow_sample_rate": 2}):
+        r = post(server, "/admin/share", body)
+        assert r.status_code == 400, r.text
+
+
+def test_replicas_survive_bad_input(server):
+    """After all the refused requests above, every arm still answers, and no replica was replaced."""
+    from ray import serve
+
+    for model in ("teacher", "student", "routed"):
+        assert post(server, "/v1/chat/completions", chat(model, QUERIES[5], max_tokens=4)).status_code == 200
+    app = serve.status().applications["distill"]
+    for name, deployment in app.deployments.items():
+        assert deployment.status == "HEALTHY", (name, deployment)
+
+
+# -- load --------------------------------------------------------------------------------------------------------
+def test_load_300_requests_at_concurrency_16_has_no_5xx(server):
+    set_share(server, 0.5, shadow=0.2)
+    models = ["teacher", "student", "routed", "routed"]
+    bodies = [chat(models[i % 4], QUERIES[i % len(QUERIES)], user=f"load-{i}", max_tokens=2,
+                   stream=(i % 5 == 0)) for i in range(320)]
+    t0 = time.perf_counter()
+    responses = asyncio.run(_send_all(server, bodies, concurrency=16))
+    seconds = time.perf_counter() - t0
+    codes = Counter(r.status_code for r in responses)
+    assert not [c for c in codes if c >= 500], codes
+    assert codes == {200: 320}, codes
+    for r, body in zip(responses, bodies):
+        if body["stream"]:
+            assert r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text
+    current = stats(server)
+    print(f"\n320 requests at concurrency 16 in {seconds:.1f}s ({320 / seconds:.1f} req/s)")
+    for arm in ("teacher", "student"):
+        s = current["arms"][arm]
+        assert s["requests"] > 0 and not any(int(code) >= 500 for code in s["errors"])
+        # Client-side latency of this test's requests only (/stats also holds the earlier tests' traffic).
+        mine = [r.elapsed.total_seconds() for r in responses if r.headers["x-distill-arm"] == arm]
+        print(f"{arm}: {len(mine)} requests, client p50 {quantile(mine, 0.5) * 1000:.0f} ms, "
+              f"p95 {quantile(mine, 0.95) * 1000:.0f} ms")
+    metrics = httpx.get(server + "/metrics", headers=AUTH, timeout=30).text
+    assert 'distill_requests_total{arm="teacher"}' in metrics
+    assert 'distill_latency_seconds{arm="student",quantile="0.95"}' in metrics
+
+
+def test_compare_latency_against_the_running_server(server, tmp_path):
+    from serve.latency import CompareLatencyConfig, main
+
+    report = main(CompareLatencyConfig(url=server, api_key=API_KEY, limit=6, warmup=1, max_tokens=4,
+                                       output=str(tmp_path)))
+    for model in ("teacher", "student"):
+        assert report["summary"][model]["requests"] == 6 and report["summary"][model]["errors"] == 0
+        assert report["summary"][model]["p95_s"] >= report["summary"][model]["p50_s"] > 0
+    assert (tmp_path / "latency.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "latency.json").read_text())["summary"]["teacher"]["requests"] == 6
+    assert "p95 ms" in report["table"]
