@@ -39,12 +39,26 @@ def ray_cluster():
     ray.shutdown()
 
 
+def _mapped_shared_memory() -> set[str]:
+    """Shared-memory files some living process still maps (another test session's engines, for one)."""
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                mapped.update(line.split()[-1] for line in f if "/dev/shm/psm_" in line)
+        except OSError:
+            continue
+    return mapped
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _clean_shared_memory():
-    """vLLM leaves /dev/shm/psm_* segments behind when its processes are killed; remove the ones we created."""
+    """vLLM leaves /dev/shm/psm_* segments behind when its processes are killed; remove the ones this session
+    created and nobody maps any more."""
     before = set(glob.glob("/dev/shm/psm_*"))
     yield
-    for path in set(glob.glob("/dev/shm/psm_*")) - before:
+    in_use = _mapped_shared_memory()
+    for path in set(glob.glob("/dev/shm/psm_*")) - before - in_use:
         try:
             os.remove(path)
         except OSError:
