@@ -1,0 +1,303 @@
+"""Training data and loss for the student, kept apart from Ray so each piece is testable on its own.
+
+- `split_of`: the deterministic train/validation split by id hash.
+- `tokenize_example`: the student's chat template, with targets only on the assistant's answer.
+- `collate`: a micro-batch as one packed row (position ids restart per example, so examples never attend to
+  each other) or as a padded batch.
+- `token_losses`: summed cross-entropy over the targets, optionally mixed with KL to the teacher's top-k.
+- `StepPlan`: which examples every rank trains on at every optimizer step (the data position is the step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+IGNORE = -100  # target value of a position that is not in the loss (prompt, padding, last token)
+
+
+class TrainDataError(ValueError):
+    """The training data cannot be used at all (as opposed to a bad row, which is skipped and counted)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Split
+def id_hash(example_id: str, seed: int) -> float:
+    """A uniform number in [0, 1) from the id alone: the same id lands in the same split on every run."""
+    digest = hashlib.sha256(f"{seed}:{example_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_of(ids: list[str], validation_fraction: float, seed: int = 0) -> dict[str, str]:
+    """id -> "train" | "validation". With >= 2 ids there is at least one of each: the id with the lowest hash
+    is held out when the fraction alone would hold out none (and the highest trains when it would hold out all)."""
+    hashes = {i: id_hash(i, seed) for i in ids}
+    split = {i: "validation" if h < validation_fraction else "train" for i, h in hashes.items()}
+    if len(ids) >= 2:
+        if "validation" not in split.values():
+            split[min(hashes, key=hashes.get)] = "validation"
+        if "train" not in split.values():
+            split[max(hashes, key=hashes.get)] = "train"
+    return split
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenization
+class Skip(Exception):
+    """This example cannot be trained on; the message is the reason it is counted under."""
+
+
+@dataclass
+class Example:
+    id: str
+    input_ids: np.ndarray            # int64 [T]
+    targets: np.ndarray              # int64 [T]: targets[t] = input_ids[t+1] on answer tokens, else IGNORE
+    soft_positions: Optional[np.ndarray] = None   # int64 [P]: positions t whose next token has teacher top-k
+    soft_ids: Optional[np.ndarray] = None          # int64 [P, k]
+    soft_logprobs: Optional[np.ndarray] = None     # float32 [P, k]
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+
+def render(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(prompt token ids, answer token ids) for a conversation whose last message is the assistant's.
+
+    The prompt is what the student sees at inference: the template up to and including the generation prompt.
+    The answer is the rest of the rendered conversation (answer text and the template's end-of-turn tokens, so the
+    student learns to stop). Both are tokenized separately, exactly as at inference where the engine tokenizes the
+    prompt and then generates.
+    """
+    if not messages or messages[-1]["role"] != "assistant":
+        raise Skip("no assistant turn")
+    if not (messages[-1]["content"] or "").strip():
+        raise Skip("empty assistant turn")
+    context = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+    full = [*context, {"role": "assistant", "content": messages[-1]["content"]}]
+    prompt_text = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=False)
+    full_text = tokenizer.apply_chat_template(full, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise TrainDataError(
+            "the student's chat template renders a conversation that does not start with its own generation "
+            "prompt; assistant-only masking needs a template where it does (ChatML, Llama, Qwen without thinking)")
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    return prompt_ids, answer_ids
+
+
+def tokenize_example(tokenizer, example_id: str, messages: list[dict], max_length: int,
+                     teacher_token_ids: Optional[list[int]] = None, topk_ids: Optional[list[list[int]]] = None,
+                     topk_logprobs: Optional[list[list[float]]] = None) -> Example:
+    """One chat example -> input ids and next-token targets on the answer only (prompt never in the loss).
+
+    With the teacher's top-k per answer token (soft labels), the answer is spelled with the teacher's own tokens
+    as far as they decode to the rendered answer (constrained decoding often splits a text differently from the
+    tokenizer), so each top-k distribution sits at the position it was produced for; those positions get soft
+    targets. The rest of the rendered answer (e.g. the template's trailing newline) is tokenized normally."""
+    prompt_ids, answer_ids = render(tokenizer, messages)
+    soft = None
+    if teacher_token_ids is not None and topk_ids is not None and topk_logprobs is not None:
+        answer_text = tokenizer.decode(answer_ids, skip_special_tokens=False)
+        for m in range(min(len(teacher_token_ids), len(topk_ids), len(topk_logprobs)), 0, -1):
+            head = tokenizer.decode(teacher_token_ids[:m], skip_special_tokens=False)
+            if answer_text.startswith(head) and all(len(row) for row in topk_ids[:m]):
+                rest = answer_text[len(head):]
+                answer_ids = list(teacher_token_ids[:m]) + (
+                    tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else [])
+                soft = m
+                break
+    ids = prompt_ids + answer_ids
+    if len(ids) > max_length:
+        raise Skip("longer than max_length")
+    input_ids = np.asarray(ids, dtype=np.int64)
+    targets = np.full(len(ids), IGNORE, dtype=np.int64)
+    # Position t predicts token t+1: the targets are the answer tokens, placed one to the left.
+    start = len(prompt_ids)
+    targets[start - 1:len(ids) - 1] = input_ids[start:]
+    ex = Example(example_id, input_ids, targets)
+    if soft:
+        k = min(len(row) for row in topk_ids[:soft])
+        ex.soft_positions = np.arange(start - 1, start - 1 + soft, dtype=np.int64)
+        ex.soft_ids = np.asarray([row[:k] for row in topk_ids[:soft]], dtype=np.int64)
+        ex.soft_logprobs = np.asarray([row[:k] for row in topk_logprobs[:soft]], dtype=np.float32)
+    return ex
+
+
+def tokenize_rows(tokenizer, rows: list[dict], max_length: int, soft: bool) -> tuple[list[Example], Counter]:
+    """Tokenize generation rows; bad rows are skipped and counted by reason."""
+    examples, skipped = [], Counter()
+    for row in rows:
+        try:
+            examples.append(tokenize_example(
+                tokenizer, row["id"], row["messages"] or [], max_length,
+                row.get("teacher_token_ids") if soft else None, row.get("topk_ids") if soft else None,
+                row.get("topk_logprobs") if soft else None))
+        except Skip as reason:
+            skipped[str(reason)] += 1
+    return examples, skipped
+
+
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer, teacher: str) -> None:
+    """Soft labels index the teacher's vocabulary: they mean nothing to a student with another tokenizer."""
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise TrainDataError(
+            f"soft labels need the student and the teacher ({teacher}) to share a tokenizer, and they differ "
+            f"(vocabularies of {len(student_tokenizer)} and {len(teacher_tokenizer)} tokens); train on hard labels "
+            "(soft_label_weight: 0) or use a student from the teacher's family")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches
+def collate(examples: list[Example], packed: bool, pad_id: int) -> dict[str, Any]:
+    """A micro-batch as tensors.
+
+    packed: one row, the examples end to end, position ids restarting at 0 for each. With no attention mask,
+    transformers derives a block-diagonal causal mask from those position ids (`find_packed_sequence_indices`),
+    so no example attends to another: no padding, and the same loss as the examples one by one.
+    Otherwise: a padded batch with an attention mask (padding is never a target).
+    """
+    import torch
+
+    if packed:
+        batch = {
+            "input_ids": torch.from_numpy(np.concatenate([e.input_ids for e in examples]))[None],
+            "position_ids": torch.from_numpy(np.concatenate([np.arange(e.length) for e in examples]))[None],
+            "targets": torch.from_numpy(np.concatenate([e.targets for e in examples]))[None],
+        }
+        offsets = np.cumsum([0] + [e.length for e in examples[:-1]])
+        rows = [0] * len(examples)
+    else:
+        width = max(e.length for e in examples)
+        ids = np.full((len(examples), width), pad_id, dtype=np.int64)
+        targets = np.full((len(examples), width), IGNORE, dtype=np.int64)
+        mask = np.zeros((len(examples), width), dtype=np.int64)
+        for i, e in enumerate(examples):
+            ids[i, :e.length], targets[i, :e.length], mask[i, :e.length] = e.input_ids, e.targets, 1
+        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask),
+                 "targets": torch.from_numpy(targets)}
+        offsets = np.zeros(len(examples), dtype=np.int64)
+        rows = list(range(len(examples)))
+    soft = [(r, o, e) for r, o, e in zip(rows, offsets, examples) if e.soft_positions is not None]
+    if soft:
+        k = min(e.soft_ids.shape[1] for _, _, e in soft)
+        batch["soft_rows"] = torch.from_numpy(np.concatenate([np.full(len(e.soft_positions), r) for r, _, e in soft]))
+        batch["soft_positions"] = torch.from_numpy(np.concatenate([e.soft_positions + o for _, o, e in soft]))
+        batch["soft_ids"] = torch.from_numpy(np.concatenate([e.soft_ids[:, :k] for _, _, e in soft]))
+        batch["soft_logprobs"] = torch.from_numpy(np.concatenate([e.soft_logprobs[:, :k] for _, _, e in soft]))
+    batch["tokens"] = sum(e.length for e in examples)
+    batch["slots"] = int(batch["input_ids"].numel())
+    return batch
+
+
+def padding_waste(lengths_per_batch: list[list[int]], packed: bool) -> float:
+    """Fraction of the token slots computed that are padding: 0 when packed, else 1 - real / (rows x longest)."""
+    real = sum(sum(b) for b in lengths_per_batch)
+    slots = real if packed else sum(len(b) * max(b) for b in lengths_per_batch if b)
+    return 0.0 if slots == 0 else 1.0 - real / slots
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss
+def token_losses(model, batch: dict[str, Any], soft_weight: float = 0.0):
+    """(sum of per-target-token losses, number of target tokens) for one micro-batch.
+
+    Hard loss: cross-entropy to the answer tokens. Where a target also has the teacher's top-k, its loss is
+    (1 - soft_weight) x cross-entropy + soft_weight x KL(teacher top-k || student), the teacher's top-k
+    log-probabilities renormalised over the k tokens. Summing (not averaging) lets the caller divide by the
+    target tokens of the whole optimizer step, so packing, padding and sharding all weight every token the same.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    device = next(p.device for p in model.parameters())
+    targets = batch["targets"].to(device)
+    # Only positions with a target need logits: projecting the few answer positions, not the whole prompt,
+    # onto the vocabulary saves most of the output layer's time and memory (49k-token vocabularies).
+    keep = (targets != IGNORE).any(0).nonzero().squeeze(-1)
+    kwargs = {"input_ids": batch["input_ids"].to(device), "use_cache": False, "logits_to_keep": keep}
+    if "position_ids" in batch:
+        # No attention mask on purpose: a mask would switch off the packed-sequence detection.
+        kwargs["position_ids"] = batch["position_ids"].to(device)
+    else:
+        kwargs["attention_mask"] = batch["attention_mask"].to(device)
+    logits = model(**kwargs).logits.float()  # [rows, kept positions, vocab]
+    targets = targets[:, keep]
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+    ce = ce.view_as(targets)
+    n = int((targets != IGNORE).sum())
+    if soft_weight > 0 and "soft_positions" in batch:
+        rows = batch["soft_rows"].to(device)
+        pos = torch.searchsorted(keep, batch["soft_positions"].to(device))  # soft positions are answer positions
+        student = torch.log_softmax(logits[rows, pos], dim=-1).gather(-1, batch["soft_ids"].to(device))
+        teacher = torch.log_softmax(batch["soft_logprobs"].to(device).float(), dim=-1)
+        # Constrained decoding leaves -inf in the top-k: those tokens have no teacher mass and add nothing.
+        p = teacher.exp()
+        kl = torch.where(p > 0, p * (teacher - student), torch.zeros_like(p)).sum(-1)
+        weight = torch.ones_like(ce)
+        weight[rows, pos] = 1.0 - soft_weight
+        soft_term = torch.zeros_like(ce)
+        soft_term[rows, pos] = soft_weight * kl
+        return (ce * weight + soft_term).sum(), n
+    return ce.sum(), n
+
+
+def lr_factor(step: int, total_steps: int, warmup_fraction: float, min_lr_ratio: float) -> float:
+    """Linear warm-up over the first `warmup_fraction` of the steps, then cosine down to `min_lr_ratio`."""
+    warmup = max(1, math.ceil(warmup_fraction * total_steps)) if warmup_fraction > 0 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which examples each rank trains on at each step
+@dataclass
+class StepPlan:
+    """Every optimizer step's examples, per rank and micro-batch: indices into the training examples.
+
+    Each epoch is a seeded permutation; a step takes the next per_device x accumulation x workers examples,
+    sorts them by length (so a padded micro-batch holds similar lengths) and deals them out so that every rank
+    and micro-batch gets a share. The step number alone is the data position: resuming at step s trains on exactly
+    what an uninterrupted run would have."""
+
+    steps: list[list[list[list[int]]]] = field(default_factory=list)  # [step][rank][micro] -> example indices
+
+    @classmethod
+    def build(cls, lengths: list[int], per_device: int, accumulation: int, workers: int, epochs: int, seed: int,
+              max_steps: Optional[int] = None) -> "StepPlan":
+        per_step = per_device * accumulation * workers
+        slots = accumulation * workers
+        steps = []
+        for epoch in range(epochs):
+            order = np.random.default_rng([seed, epoch]).permutation(len(lengths)).tolist()
+            for i in range(0, len(order), per_step):
+                chunk = sorted(order[i:i + per_step], key=lambda j: (lengths[j], j))
+                # Contiguous runs of the length-sorted chunk, one per (rank, micro-batch) slot.
+                bounds = np.linspace(0, len(chunk), slots + 1).round().astype(int)
+                groups = [chunk[bounds[s]:bounds[s + 1]] for s in range(slots)]
+                steps.append([[groups[r * accumulation + m] for m in range(accumulation)] for r in range(workers)])
+        if max_steps is not None:
+            steps = steps[:max_steps]
+        return cls(steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def shard_evenly(n: int, per_batch: int, workers: int) -> list[list[list[int]]]:
+    """Validation batches per rank: [rank][batch] -> indices; every rank gets the same number of batches (some
+    possibly empty) because every forward pass of a sharded model is a collective."""
+    per_rank = [list(range(r, n, workers)) for r in range(workers)]
+    count = max(1, max(math.ceil(len(p) / per_batch) for p in per_rank))
+    return [[p[b * per_batch:(b + 1) * per_batch] for b in range(count)] for p in per_rank]

@@ -1,0 +1,275 @@
+"""Training without Ray: the mask, packing, the split, bad data, soft labels, the schedule and the step plan.
+
+The end-to-end runs on a real Ray cluster are in test_train_ray.py."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from distill.config import ConfigError
+from distill.formats import DATA_SCHEMA
+from distill.training import (IGNORE, StepPlan, TrainDataError, collate, lr_factor, padding_waste, shard_evenly,
+                              split_of, token_losses, tokenize_example)
+from pipelines.train import TrainConfig, check_soft_labels, prepare
+
+TEXTS = ["Bonjour tout le monde, ceci est un texte.", "Hello", "Alle Menschen sind frei und gleich an Würde.",
+         "Todos los seres humanos nacen libres e iguales en dignidad y derechos, dotados como están de razón.",
+         "Все люди рождаются свободными"]
+
+
+def chat(text: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+
+
+def write_data(root, rows: list[dict]) -> str:
+    """A generation output folder holding `rows` (missing DATA_SCHEMA columns are null)."""
+    os.makedirs(root / "data", exist_ok=True)
+    full = [{"task": "language-id", "teacher": "test-teacher", **r} for r in rows]
+    pq.write_table(pa.Table.from_pylist(full, schema=DATA_SCHEMA), root / "data" / "part-0.parquet")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The mask: prompt tokens are never in the loss
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_targets_cover_the_answer_only(which, tiny_model, request):
+    from transformers import AutoTokenizer
+
+    path = tiny_model if which == "tiny" else request.getfixturevalue("smollm2")
+    tok = AutoTokenizer.from_pretrained(path)
+    ex = tokenize_example(tok, "a", chat("Bonjour tout le monde", "Final Answer: fr"), 2048)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Bonjour tout le monde"}],
+                                     add_generation_prompt=True, tokenize=False)
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    # Position t predicts token t+1: nothing before the last prompt position has a target ...
+    assert (ex.targets[:n_prompt - 1] == IGNORE).all()
+    # ... and what is learned is exactly the answer and the template's end of turn.
+    learned = tok.decode(ex.targets[ex.targets != IGNORE])
+    assert learned.startswith("Final Answer: fr") and learned.replace("Final Answer: fr", "").strip() \
+        in (tok.eos_token, "<|im_end|>")
+    assert "Bonjour" not in learned and "user" not in learned
+
+
+def test_loss_reads_the_answer_positions_only(tokenizer, model):
+    """The output layer only ever sees the answer positions, and the loss is the cross-entropy there: no prompt
+    position can contribute to it."""
+    ex = tokenize_example(tokenizer, "a", chat(TEXTS[0], "Final Answer: fr"), 2048)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda module, inputs, out: seen.append(inputs[0].shape[1]))
+    try:
+        with torch.no_grad():
+            loss, n = token_losses(model, collate([ex], packed=True, pad_id=tokenizer.pad_token_id))
+            logits = model(input_ids=torch.from_numpy(ex.input_ids)[None], use_cache=False).logits[0]
+    finally:
+        hook.remove()
+    answer = torch.from_numpy(ex.targets != IGNORE)
+    assert seen[0] == n == int(answer.sum()) and n < len(ex.input_ids) // 2
+    manual = torch.nn.functional.cross_entropy(logits[answer], torch.from_numpy(ex.targets)[answer], reduction="sum")
+    assert float(loss) == pytest.approx(float(manual), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packing
+def test_packing_gives_the_loss_of_unpacked_batches(tokenizer, model):
+    examples = [tokenize_example(tokenizer, str(i), chat(t, f"Final Answer: {a}"), 2048)
+                for i, (t, a) in enumerate(zip(TEXTS, ["fr", "en", "de", "es", "ru"]))]
+    pad = tokenizer.pad_token_id
+    with torch.no_grad():
+        packed, n_packed = token_losses(model, collate(examples, packed=True, pad_id=pad))
+        padded, n_padded = token_losses(model, collate(examples, packed=False, pad_id=pad))
+        one_by_one = [token_losses(model, collate([e], packed=True, pad_id=pad)) for e in examples]
+        # Each example's logits inside the pack equal its logits alone: no example sees another.
+        batch = collate(examples, packed=True, pad_id=pad)
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for e in examples:
+            alone = model(input_ids=torch.from_numpy(e.input_ids)[None], use_cache=False).logits[0]
+            torch.testing.assert_close(logits[start:start + e.length], alone, rtol=1e-4, atol=1e-4)
+            start += e.length
+        # The test can tell: the same row with positions that do not restart (examples attending to each other).
+        leaky, _ = token_losses(model, {**batch, "position_ids": torch.arange(batch["input_ids"].shape[1])[None]})
+    assert n_packed == n_padded == sum(n for _, n in one_by_one) == sum(e.n_targets for e in examples)
+    expected = sum(float(s) for s, _ in one_by_one)
+    assert float(packed) == pytest.approx(expected, rel=1e-5)
+    assert float(padded) == pytest.approx(expected, rel=1e-5)
+    assert abs(float(leaky) - expected) > 1e-3
+
+
+def test_padding_waste_is_reported():
+    assert padding_waste([[10, 2], [5, 5]], packed=True) == 0.0
+    assert padding_waste([[10, 2], [5, 5]], packed=False) == pytest.approx(1 - 22 / 30)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Split, plan, schedule
+def test_split_is_deterministic_by_id_and_holds_out_at_least_one():
+    ids = [f"id-{i}" for i in range(2000)]
+    split = split_of(ids, 0.1)
+    assert split == split_of(list(reversed(ids)), 0.1)  # by id, not by position
+    assert split_of(ids[:500], 0.1) == {i: split[i] for i in ids[:500]}  # more data never moves an id
+    assert 0.08 < Counter(split.values())["validation"] / len(ids) < 0.12
+    for n in (2, 3, 5):
+        assert Counter(split_of(ids[:n], 0.1).values())["validation"] >= 1
+        assert Counter(split_of(ids[:n], 0.1).values())["train"] >= 1
+    assert split_of(["only"], 0.1) == {"only": "train"}
+
+
+def test_prepare_never_trains_on_held_out_ids(tmp_path, tiny_model, tokenizer):
+    rows = [{"id": f"r{i:03d}", "text": t, "messages": chat(t, "Final Answer: en")}
+            for i, t in enumerate(TEXTS * 8)]
+    config = TrainConfig(data=write_data(tmp_path / "gen", rows), output=str(tmp_path / "out"), student=tiny_model,
+                         validation_fraction=0.2, per_device_batch_size=2, gradient_accumulation=2, workers=2,
+                         epochs=2)
+    prepared = prepare(config, tokenizer)
+    split = {r["id"]: r["split"] for r in pq.read_table(tmp_path / "out" / "split.parquet").to_pylist()}
+    assert set(split) == {r["id"] for r in rows} and set(split.values()) == {"train", "validation"}
+    held_out = {i for i, s in split.items() if s == "validation"}
+    trained = {prepared["train"][j].id for step in prepared["plan"] for rank in step for micro in rank for j in micro}
+    assert trained == set(split) - held_out
+    assert {e.id for e in prepared["val"]} == held_out
+    assert prepared["split"] == {"train": len(rows) - len(held_out), "validation": len(held_out)}
+    assert prepare(config, tokenizer)["plan"] == prepared["plan"]  # deterministic
+
+
+def test_step_plan_gives_every_rank_the_same_number_of_micro_batches():
+    lengths = list(range(3, 40))
+    plan = StepPlan.build(lengths, per_device=4, accumulation=2, workers=2, epochs=2, seed=0)
+    assert len(plan) == 2 * -(-len(lengths) // 16)
+    for epoch in range(2):
+        steps = plan.steps[epoch * 3:(epoch + 1) * 3]
+        seen = sorted(j for s in steps for rank in s for micro in rank for j in micro)
+        assert seen == list(range(len(lengths)))  # every example once per epoch
+    assert all(len(rank) == 2 for s in plan.steps for rank in s)
+    assert plan.steps[:3] != plan.steps[3:]  # a new order each epoch
+    assert len(StepPlan.build(lengths, 4, 2, 2, 2, 0, max_steps=4)) == 4
+    batches = shard_evenly(5, per_batch=2, workers=2)
+    assert [len(b) for b in batches] == [2, 2] and sorted(j for b in batches for m in b for j in m) == list(range(5))
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    total = 100
+    factors = [lr_factor(s, total, 0.03, 0.1) for s in range(total)]
+    assert factors[0] == pytest.approx(1 / 3) and factors[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
+    assert factors[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad data
+def test_empty_data_dir_is_a_clear_error(tmp_path, tiny_model, tokenizer):
+    (tmp_path / "gen" / "data").mkdir(parents=True)
+    config = TrainConfig(data=str(tmp_path / "gen"), output=str(tmp_path / "out"), student=tiny_model)
+    with pytest.raises(ConfigError, match="no Parquet files"):
+        prepare(config, tokenizer)
+    pq.write_table(pa.Table.from_pylist([], schema=DATA_SCHEMA), tmp_path / "gen" / "data" / "part-0.parquet")
+    with pytest.raises(ConfigError, match="no rows"):
+        prepare(config, tokenizer)
+
+
+def test_bad_rows_are_skipped_and_counted(tmp_path, tiny_model, tokenizer):
+    good = [{"id": f"ok{i}", "text": t, "messages": chat(t, "Final Answer: en")} for i, t in enumerate(TEXTS)]
+    bad = [
+        {"id": "no-answer", "text": "x", "messages": [{"role": "user", "content": "x"}]},
+        {"id": "empty-answer", "text": "x", "messages": chat("x", "  ")},
+        {"id": "long", "text": "y", "messages": chat(" ".join(["word"] * 400), "Final Answer: en")},
+    ]
+    config = TrainConfig(data=write_data(tmp_path / "gen", good + bad), output=str(tmp_path / "out"),
+                         student=tiny_model, max_length=128, validation_fraction=0)
+    prepared = prepare(config, tokenizer)
+    assert prepared["skipped"] == {"no assistant turn": 1, "empty assistant turn": 1, "longer than max_length": 1}
+    assert {e.id for e in prepared["train"]} == {r["id"] for r in good}
+
+    config = TrainConfig(data=write_data(tmp_path / "gen2", bad), output=str(tmp_path / "out2"), student=tiny_model,
+                         max_length=128)
+    with pytest.raises(TrainDataError, match="no trainable examples"):
+        prepare(config, tokenizer)
+
+
+def test_changed_settings_in_the_same_output_are_refused(tmp_path, tiny_model):
+    from pipelines.train import check_rerun
+
+    config = TrainConfig(data="d", output=str(tmp_path), student=tiny_model)
+    check_rerun(config)
+    check_rerun(config.model_copy(update={"fail_at_step": 3, "max_failures": 0}))  # chaos/retry knobs may change
+    with pytest.raises(ConfigError, match="learning_rate"):
+        check_rerun(config.model_copy(update={"learning_rate": 1.0}))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Soft labels
+def test_soft_targets_follow_the_teachers_tokens_and_mix_with_the_hard_loss(tokenizer, model):
+    answer = "Final Answer: fr"
+    # The teacher spelled the answer with other tokens than the tokenizer would (as constrained decoding does).
+    teacher_ids = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.tokenize(answer[:6])] + \
+        tokenizer(answer[6:], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    k = 3
+    topk_ids = [[t, 5, 6] for t in teacher_ids]
+    topk_lps = [[-0.1, -2.5, float("-inf")] for _ in teacher_ids]
+    ex = tokenize_example(tokenizer, "a", chat(TEXTS[0], answer), 2048, teacher_ids, topk_ids, topk_lps)
+    start = int(ex.soft_positions[0]) + 1
+    assert ex.input_ids[start:start + len(teacher_ids)].tolist() == teacher_ids
+    assert ex.soft_ids.shape == (len(teacher_ids), k)
+    assert tokenizer.decode(ex.input_ids[start:]) == tokenizer.decode(
+        tokenize_example(tokenizer, "a", chat(TEXTS[0], answer), 2048).input_ids[start:])
+
+    batch = collate([ex], packed=True, pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        hard, n = token_losses(model, batch, 0.0)
+        mixed, _ = token_losses(model, batch, 0.5)
+        soft_only, _ = token_losses(model, batch, 1.0)
+        logp = torch.log_softmax(model(input_ids=batch["input_ids"], use_cache=False).logits[0].float(), -1)
+    teacher = torch.log_softmax(torch.tensor(topk_lps), -1)
+    p = teacher.exp()
+    student = logp[torch.from_numpy(ex.soft_positions)].gather(-1, torch.tensor(topk_ids))
+    kl = torch.where(p > 0, p * (teacher - student), torch.zeros_like(p)).sum(-1)
+    targets = torch.from_numpy(ex.targets)
+    ce = -logp[targets != IGNORE].gather(-1, targets[targets != IGNORE][:, None]).squeeze(-1)
+    ce_soft = ce[:len(teacher_ids)]  # the soft positions are the first answer positions
+    assert float(hard) == pytest.approx(float(ce.sum()), rel=1e-5)
+    assert float(soft_only) == pytest.approx(float(kl.sum() + ce[len(teacher_ids):].sum()), rel=1e-5)
+    assert float(mixed) == pytest.approx(float(0.5 * ce_soft.sum() + 0.5 * kl.sum() + ce[len(teacher_ids):].sum()),
+                                         rel=1e-5)
+    assert torch.isfinite(mixed)
+
+
+def test_soft_labels_need_the_teachers_tokenizer(tmp_path, tiny_model, smollm2, tokenizer):
+    rows = [{"id": "a", "text": "x", "messages": chat("x", "y"), "teacher_token_ids": [1], "topk_ids": [[1]],
+             "topk_logprobs": [[-0.1]], "teacher": smollm2}]
+    config = TrainConfig(data=str(tmp_path), output=str(tmp_path / "o"), student=tiny_model, soft_label_weight=0.5)
+    with pytest.raises(TrainDataError, match="share a tokenizer"):
+        check_soft_labels(config, tokenizer, rows)
+    check_soft_labels(config, tokenizer, [{**rows[0], "teacher": tiny_model}])  # same tokenizer: fine
+    with pytest.raises(TrainDataError, match="logprobs"):
+        check_soft_labels(config, tokenizer, [{**rows[0], "topk_ids": None}])
+
+
+def test_config_rejects_object_store_output_and_unknown_keys(tmp_path):
+    from distill.config import load_config
+
+    with pytest.raises(ValueError, match="local or shared"):
+        TrainConfig(data="d", output="s3://bucket/run")
+    (tmp_path / "c.yaml").write_text("data: d\nlearning_rte: 1\n")
+    with pytest.raises(ConfigError, match="learning_rte"):
+        load_config(TrainConfig, tmp_path / "c.yaml")
+    assert np.isclose(TrainConfig(data="d").learning_rate, 2e-4)

@@ -1,0 +1,187 @@
+"""Training end to end on a real local Ray cluster with the tiny model: FSDP2 over 2 workers, a worker killed
+mid-run and a crashed driver both resume to the same final loss, the adapter reloads in peft with the trained
+model's numbers, and vLLM serving the adapter reproduces the teacher's answers with no prompt.
+
+Teacher data comes from the real generation pipeline (tiny teacher, with top-k logprobs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from distill.models import default_model_dir
+from distill.storage import read_columns
+from distill.training import collate, token_losses, tokenize_rows
+from pipelines.train import LoraOptions, TrainConfig, main, read_data, read_metrics
+
+
+@pytest.fixture(scope="module")
+def generated(ray_cluster, tiny_model, tmp_path_factory) -> str:
+    from pipelines.generate import GenerateConfig
+    from pipelines.generate import main as generate
+
+    out = str(tmp_path_factory.mktemp("gen"))
+    manifest = generate(GenerateConfig(teacher=tiny_model, output=out, limit=24, logprobs=5))
+    assert manifest["rows_written"] >= 20
+    return out
+
+
+def fsdp_config(data: str, output: str, student: str, **overrides) -> TrainConfig:
+    """2 workers x 2 examples x 2 micro-batches; 4 epochs of ~18 examples = 12 steps, checkpoints every 4.
+    Soft labels mixed in (the tiny teacher and student share a tokenizer), so they run under FSDP too."""
+    settings = dict(data=data, output=output, student=student, workers=2, per_device_batch_size=2,
+                    gradient_accumulation=2, epochs=4, learning_rate=3e-3, validation_fraction=0.25,
+                    eval_every=4, checkpoint_every=4, soft_label_weight=0.5, lora=LoraOptions(rank=16, alpha=32),
+                    max_failures=0)
+    return TrainConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def reference(generated, tiny_model, tmp_path_factory) -> tuple[TrainConfig, dict]:
+    config = fsdp_config(generated, str(tmp_path_factory.mktemp("train") / "out"), tiny_model, merge=True)
+    return config, main(config)
+
+
+def test_two_worker_fsdp_run_learns_and_writes_the_contract(reference, generated):
+    config, summary = reference
+    out = config.output
+    assert summary["complete"] and summary["workers"] == 2 and summary["steps"] == 12
+    metrics = read_metrics(os.path.join(out, "metrics.jsonl"))
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    for m in metrics:
+        assert {"step", "epoch", "loss", "lr", "tokens_per_s", "elapsed_s"} <= set(m)
+    vals = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [4, 8, 12]
+    assert vals[-1] < vals[0] and metrics[-1]["loss"] < metrics[0]["loss"]  # validation loss falls
+    assert summary["final_val_loss"] == vals[-1] and summary["best_val_loss"] == min(vals)
+
+    split = pq.read_table(os.path.join(out, "split.parquet")).to_pylist()
+    counts = {s: sum(r["split"] == s for r in split) for s in ("train", "validation")}
+    assert summary["split"] == counts and counts["validation"] >= 1
+    assert summary["soft_examples"] > 0  # generation kept top-k, so soft labels were used
+    assert summary["padding_waste"] == 0.0 and summary["padding_waste_unpacked"] > 0
+    assert summary["task"] == "language-id" and summary["teacher"] == config.student
+    assert summary["skipped"] == {} and summary["tokens_per_s"] > 0
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert os.path.isfile(os.path.join(out, "adapter", name))
+    assert json.load(open(os.path.join(out, "train_summary.json")))["steps"] == 12
+    adapter_config = json.load(open(os.path.join(out, "adapter", "adapter_config.json")))
+    assert adapter_config["r"] == 16 and adapter_config["base_model_name_or_path"] == config.student
+    # all-linear: attention and MLP projections, never the (tied) output head.
+    assert sorted(adapter_config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                                        "up_proj", "v_proj"]
+    # Checkpoints: the best by validation loss and the latest are kept.
+    kept = sorted(d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step_"))
+    assert f"step_{summary['best_step']:06d}" in kept and "step_000012" in kept and len(kept) <= 2
+
+    # Rerunning a finished run returns its summary without training again.
+    again = main(config)
+    assert again == summary
+
+
+def test_saved_adapter_reloads_in_peft_with_the_trained_models_numbers(reference, tiny_model):
+    """The adapter in OUT/adapter, loaded by plain peft, gives the validation loss that the FSDP workers measured
+    for the same step (every logit of every validation token goes into that number)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config, summary = reference
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    split = {r["id"]: r["split"] for r in pq.read_table(os.path.join(config.output, "split.parquet")).to_pylist()}
+    rows = [r for r in sorted(read_data(config, soft=False), key=lambda r: r["id"]) if split[r["id"]] == "validation"]
+    val, _ = tokenize_rows(tokenizer, rows, config.max_length, soft=False)
+
+    def val_loss(model) -> float:
+        with torch.no_grad():
+            sums = [token_losses(model, collate([e], packed=True, pad_id=tokenizer.pad_token_id)) for e in val]
+        return sum(float(s) for s, _ in sums) / sum(n for _, n in sums)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    untrained = val_loss(base)
+    peft_model = PeftModel.from_pretrained(base, os.path.join(config.output, "adapter")).eval()
+    reloaded = val_loss(peft_model)
+    assert summary["adapter_step"] == summary["best_step"]
+    assert reloaded == pytest.approx(summary["best_val_loss"], rel=1e-5)
+    assert abs(reloaded - untrained) > 1e-3
+    # The optional merged model is the same model, in the base's bf16.
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(config.output, "merged"), dtype=torch.float32)
+    assert val_loss(merged) == pytest.approx(reloaded, rel=1e-2)
+
+
+def test_killed_worker_and_crashed_driver_both_resume_to_the_same_loss(reference, generated, tiny_model, tmp_path):
+    """First the last worker dies at step 6 with no retries allowed: the run fails, like a crashed command. The
+    same command rerun resumes from the step-4 checkpoint; then a worker dies again at step 10 and Ray Train's
+    FailureConfig restarts the workers from the step-8 checkpoint. The end matches the uninterrupted run."""
+    config, expected = reference
+    out = str(tmp_path / "out")
+    crashing = fsdp_config(generated, out, tiny_model, merge=True, fail_at_step=6, max_failures=0)
+    with pytest.raises(Exception):
+        main(crashing)
+    assert not os.path.exists(os.path.join(out, "train_summary.json"))
+    assert max(m["step"] for m in read_metrics(os.path.join(out, "metrics.jsonl"))) == 5
+
+    summary = main(crashing.model_copy(update={"fail_at_step": 10, "max_failures": 1}))
+    assert os.path.exists(os.path.join(out, "_chaos", "failed_at_step_6"))
+    assert os.path.exists(os.path.join(out, "_chaos", "failed_at_step_10"))
+    assert summary["steps"] == expected["steps"]
+    assert summary["final_loss"] == pytest.approx(expected["final_loss"], rel=1e-6)
+    assert summary["final_val_loss"] == pytest.approx(expected["final_val_loss"], rel=1e-6)
+    resumed = read_metrics(os.path.join(out, "metrics.jsonl"))
+    uninterrupted = read_metrics(os.path.join(config.output, "metrics.jsonl"))
+    assert [m["step"] for m in resumed] == [m["step"] for m in uninterrupted]  # no duplicated steps
+    assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in uninterrupted], rel=1e-6)
+
+
+VLLM_SCRIPT = textwrap.dedent("""
+    import json, sys
+
+    if __name__ == "__main__":  # vLLM's engine runs in a spawned process
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        student, adapter, examples_path, rank = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+        examples = json.load(open(examples_path))
+        llm = LLM(model=student, enable_lora=True, max_lora_rank=rank, max_loras=1, dtype="bfloat16",
+                  enforce_eager=True, max_model_len=1024, kv_cache_memory_bytes=256 * 1024**2, seed=0)
+        conversations = [[{"role": "user", "content": e["text"]}] for e in examples]  # no task prompt
+        params = SamplingParams(temperature=0.0, max_tokens=24)
+        student_out = llm.chat(conversations, params, lora_request=LoRARequest("student", 1, adapter))
+        base_out = llm.chat(conversations, params)
+        print("RESULT " + json.dumps({"student": [o.outputs[0].text for o in student_out],
+                                      "base": [o.outputs[0].text for o in base_out]}))
+""")
+
+
+def test_vllm_serves_the_adapter_and_reproduces_the_teacher_without_the_prompt(generated, tiny_model, tmp_path):
+    out = str(tmp_path / "overfit")
+    config = TrainConfig(data=generated, output=out, student=tiny_model, workers=1, limit=8, per_device_batch_size=4,
+                         gradient_accumulation=1, epochs=60, learning_rate=3e-3, warmup_fraction=0,
+                         lora=LoraOptions(rank=32, alpha=32, dropout=0.0), log_every=10, eval_every=120,
+                         checkpoint_every=120, export="last")
+    summary = main(config)
+    assert summary["steps"] == 120
+    # The 8 trained examples: `limit` takes the first ids of the train split.
+    split = {r["id"]: r["split"] for r in pq.read_table(os.path.join(out, "split.parquet")).to_pylist()}
+    rows = read_columns(os.path.join(generated, "data"), ["id", "text", "answer"]).to_pylist()
+    examples = sorted((r for r in rows if split[r["id"]] == "train"), key=lambda r: r["id"])[:8]
+    (tmp_path / "examples.json").write_text(json.dumps(examples))
+    (tmp_path / "serve.py").write_text(VLLM_SCRIPT)
+    proc = subprocess.run([sys.executable, str(tmp_path / "serve.py"), tiny_model, os.path.join(out, "adapter"),
+                           str(tmp_path / "examples.json"), "32"], capture_output=True, text=True, timeout=400,
+                          cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert [t.strip() for t in result["student"]] == [e["answer"] for e in examples]
+    assert [t.strip() for t in result["base"]] != [e["answer"] for e in examples]  # the adapter did it
+
+
+def test_default_student_is_the_embedded_model():
+    assert TrainConfig(data="d").student == default_model_dir()
