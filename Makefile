@@ -31,8 +31,14 @@ $(DISTILL_MODELS)/tiny-chat/config.json: $(VENV)/.installed
 
 models: setup
 
+# The whole distillation on the embedded default (configs/demo.yaml): SmolLM2 teacher and student on CPU, the
+# bundled sample. Rerunning skips what is complete; `rm -rf runs/demo` starts over.
 demo: setup
-	$(DISTILL) generate --output runs/demo/generate
+	$(DISTILL) run --config configs/demo.yaml
+
+# Benchmarks: bench/results/<name>.json + .md and the summary bench/results/README.md.
+bench: setup
+	$(PY) -m bench.run
 
 test: setup
 	$(PY) -m pytest -q tests
@@ -41,4 +47,4 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
-	rm -rf runs bench/results/*.json
+	rm -rf runs

@@ -5,7 +5,8 @@
 
 `vllm`: raw single-process vLLM `LLM.chat` on the same rows, model and sampling as the pipeline.
 `hf`: the approach the seeds started from, a sequential per-query Hugging Face `generate` loop.
-Each prints one JSON line: rows, seconds to build the engine/model, seconds to answer, tokens.
+`train`: a plain single-process peft LoRA loop over padded batches in data order (what one writes first).
+Each prints one JSON line of its measurements.
 """
 
 from __future__ import annotations
@@ -45,6 +46,28 @@ def run_vllm(args) -> dict:
             "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
 
 
+def run_vllm_latency(args) -> dict:
+    """One request at a time through an in-process engine: the per-request latency Serve adds to (P6)."""
+    from vllm import LLM, SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    task, messages = workload(args.rows + args.warmup, True)
+    choices = task.canonical_answers()
+    llm = LLM(model=args.model, dtype="bfloat16", enforce_eager=True, max_model_len=2048,
+              kv_cache_memory_bytes=256 * 1024**2, enable_prefix_caching=True, seed=0)
+    # The serve arm's own budget rule: at least the longest allowed answer in bytes.
+    params = SamplingParams(temperature=task.teacher.temperature,
+                            max_tokens=max(task.teacher.max_tokens, max(len(c.encode()) for c in choices) + 2),
+                            structured_outputs=StructuredOutputsParams(choice=choices))
+    latencies = []
+    for i, m in enumerate(messages):
+        t = time.perf_counter()
+        llm.chat([m], params, use_tqdm=False)
+        if i >= args.warmup:
+            latencies.append(time.perf_counter() - t)
+    return {"rows": len(latencies), "latencies_s": latencies}
+
+
 def run_hf(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,14 +91,61 @@ def run_hf(args) -> dict:
             "prompt_tokens": prompt_tokens, "output_tokens": output_tokens}
 
 
+def run_train(args) -> dict:
+    """Single process, padded micro-batches in data order, loss on the answer tokens (the same objective as
+    `distill train`), the same LoRA settings; tokens/s counts real (non-padding) tokens over step time."""
+    import pyarrow.parquet as pq
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+                                             target_modules="all-linear"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    rows = pq.read_table(args.data).to_pylist()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = []
+    for r in rows:
+        prompt = tokenizer.apply_chat_template(r["messages"][:1], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(r["messages"], tokenize=False)
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        f_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        examples.append((f_ids, [-100] * len(p_ids) + f_ids[len(p_ids):]))
+    tokens = 0
+    step_s = 0.0
+    model.train()
+    for step in range(args.steps):
+        batch = examples[step * args.batch_size:(step + 1) * args.batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+        t = time.perf_counter()
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        step_s += time.perf_counter() - t
+        tokens += sum(len(ids) for ids, _ in batch)
+    return {"steps": args.steps, "tokens": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
+            "padding_waste": None}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["vllm", "hf"])
+    parser.add_argument("kind", choices=["vllm", "vllm-latency", "hf", "train"])
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--model", required=True)
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--no-prompt", action="store_true")
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--data", help="train: a Parquet file of DATA_SCHEMA rows")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
-    result = run_vllm(args) if args.kind == "vllm" else run_hf(args)
+    result = {"vllm": run_vllm, "vllm-latency": run_vllm_latency, "hf": run_hf, "train": run_train}[args.kind](args)
     print(json.dumps(result))

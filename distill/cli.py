@@ -13,6 +13,10 @@ import sys
 # Each stage module defines `add_cli(subparsers)`: its subcommand, options and handler live beside its config.
 STAGE_MODULES = [
     "pipelines.generate",
+    "pipelines.train",
+    "serve.cli",
+    "pipelines.evaluate",
+    "pipelines.run",
 ]
 
 

@@ -7,11 +7,14 @@ rerun into the same directory: a row is done exactly when it sits in a complete 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
 import uuid
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -74,26 +77,97 @@ def read_ids(uri: str) -> set[str]:
     return set(read_columns(uri, ["id"]).column("id").to_pylist())
 
 
-def write_json(uri: str, obj: Any) -> None:
+def write_text(uri: str, text: str) -> None:
+    """The whole file at once (a local one under a temporary name, renamed into place)."""
     fs, path = resolve(uri)
     fs.create_dir(os.path.dirname(path), recursive=True)
-    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
     if is_local(fs):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.write(text.encode())
         os.replace(tmp, path)
     else:
         with fs.open_output_stream(path) as f:
-            f.write(data)
+            f.write(text.encode())
 
 
-def read_json(uri: str) -> Optional[Any]:
+def read_text(uri: str) -> Optional[str]:
+    """The file's text, or None when there is no such file."""
     fs, path = resolve(uri)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return None
     with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())
+        return f.read().decode()
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def read_json(uri: str) -> Optional[Any]:
+    text = read_text(uri)
+    return None if text is None else json.loads(text)
+
+
+def _write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+    if is_local(fs):
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    else:
+        pq.write_table(table, path, filesystem=fs)
+
+
+def write_table(uri: str, table: pa.Table) -> None:
+    """One Parquet file, whole or not at all."""
+    fs, path = resolve(uri)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    _write_parquet(fs, path, table)
+
+
+@contextlib.contextmanager
+def staged_dir(uri: str) -> Iterator[str]:
+    """A local folder for the caller to fill, which then replaces the folder `uri`.
+
+    Local: filled beside the target under a hidden name and renamed into place, so the target is whole or absent.
+    Object store (no rename): filled in a temporary folder; then the old objects are deleted and the new ones
+    uploaded (pyarrow.fs.copy_files). Readers there tell a finished folder by a marker the caller writes after it
+    (e.g. train_summary.json). On an exception the target is left as it was."""
+    fs, path = resolve(uri)
+    if is_local(fs):
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+        return
+    tmp = tempfile.mkdtemp(prefix="distill-upload-")
+    try:
+        yield tmp
+        remove(uri)
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(tmp, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_dir(uri: str) -> Iterator[str]:
+    """The folder `uri` as a local folder, for libraries that only read local files (peft, vLLM): the folder
+    itself when it is local, else a temporary download (pyarrow.fs.copy_files) removed afterwards."""
+    fs, path = resolve(uri)
+    if is_local(fs):
+        yield path
+        return
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri}: no such folder")
+    tmp = tempfile.mkdtemp(prefix="distill-download-")
+    try:
+        pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove(uri: str) -> None:
@@ -132,14 +206,7 @@ class ShardWriter:
         if not self._buffer:
             return
         table = pa.Table.from_pylist(self._buffer, schema=self.schema)
-        name = f"{self.prefix}-{self.run}-{self.seq:05d}.parquet"
-        final = f"{self.path}/{name}"
-        if is_local(self.fs):
-            tmp = f"{self.path}/.{name}.tmp"
-            pq.write_table(table, tmp)
-            os.replace(tmp, final)
-        else:
-            pq.write_table(table, final, filesystem=self.fs)
+        _write_parquet(self.fs, f"{self.path}/{self.prefix}-{self.run}-{self.seq:05d}.parquet", table)
         self.seq += 1
         self.rows_written += len(self._buffer)
         self._buffer = []

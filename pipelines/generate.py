@@ -327,16 +327,20 @@ def run_attempt(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any]
     decider = Decider(config, task, attempt, writers)
     groups: dict[str, list[dict]] = {}
     t0 = last_log = time.monotonic()
+    first = None  # the rate counts from the first answer: engine start-up is not throughput
     for row in results.iter_rows():
         group = groups.setdefault(row["id"], [])
         group.append(row)
         if len(group) == config.samples:
             decider.decide(groups.pop(row["id"]))
         now = time.monotonic()
+        if first is None:
+            first = now
+            log.info("attempt %d: first answer after %.0fs (engine start-up included)", attempt, now - t0)
         if now - last_log >= config.progress_seconds:
             last_log = now
             finished = sum(decider.counts.values())
-            rate = finished / (now - t0)
+            rate = finished / (now - first) if now > first else 0.0
             eta = (len(pending) - finished) / rate if rate > 0 else float("inf")
             log.info("attempt %d: %d/%d queries (written %d, retry %d, rejected %d), %.2f queries/s, eta %.0fs",
                      attempt, finished, len(pending), decider.counts["written"], decider.counts["retried"],

@@ -13,6 +13,11 @@
    command after a crash resumes the same Ray Train run from `OUT/checkpoints`.
 3. Export (driver): the best (or last) checkpoint's adapter to `OUT/adapter` (PEFT format, loads in peft and
    vLLM), optionally a merged model to `OUT/merged`, and `OUT/train_summary.json`.
+
+OUT may be local or a pyarrow filesystem URI (s3://, gs://, ...), for clusters whose only shared storage is an
+object store. The driver writes split.parquet, adapter/, merged/ and the summaries; Ray Train keeps its
+checkpoints in OUT/checkpoints through the same filesystem (`storage_filesystem`); rank 0, which may run on
+another node, writes metrics.jsonl and the chaos markers through the filesystem object resolved on the driver.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import Field, model_validator
+import pyarrow.fs as pafs
+from pydantic import Field
 
 from distill.config import ConfigError, StrictModel
 from distill.models import default_model_dir
-from distill.storage import join, list_files, read_columns, read_json, write_json
+from distill.storage import (is_local, join, list_files, read_columns, read_json, read_text, resolve, staged_dir,
+                             write_json, write_table)
 
 log = logging.getLogger("distill.train")
 
@@ -46,7 +53,8 @@ class LoraOptions(StrictModel):
 
 class TrainConfig(StrictModel):
     data: str = Field(description="Generation output directory (reads DATA/data/*.parquet), local or URI.")
-    output: str = Field("runs/train", description="Output directory (local or shared filesystem path).")
+    output: str = Field("runs/train", description="Output directory: a local path or a pyarrow filesystem URI "
+                        "(s3://, gs://, ...) that every node can reach.")
     student: str = Field(default_model_dir(), description="Student model: a local folder or a hub name.")
     workers: int = Field(1, ge=1, description="Ray Train workers; the model is sharded over them with FSDP2.")
     device: Literal["auto", "cpu", "gpu"] = Field(
@@ -102,13 +110,6 @@ class TrainConfig(StrictModel):
         None, ge=1, description="TESTING/CHAOS ONLY: the last worker kills its own process (os._exit) when it "
         "starts this step, once per output directory, to prove that training resumes from a checkpoint.")
 
-    @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
-        if "://" in self.output:
-            raise ValueError("output: training writes metrics from the workers; give a local or shared filesystem "
-                             "path (checkpoints may still go to object storage through Ray's storage_path)")
-        return self
-
 
 # Options that may change between a crashed run and its rerun without changing what is trained.
 RERUN_FREE = {"max_failures", "fail_at_step", "merge", "export", "cpus_per_worker", "device"}
@@ -134,7 +135,6 @@ def read_data(config: TrainConfig, soft: bool) -> list[dict]:
 def prepare(config: TrainConfig, tokenizer) -> dict[str, Any]:
     """Split, tokenize and plan; everything the workers need, and the counts the summary reports."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from distill.training import StepPlan, TrainDataError, padding_waste, split_of, tokenize_rows
 
@@ -147,12 +147,10 @@ def prepare(config: TrainConfig, tokenizer) -> dict[str, Any]:
         split = split_of(ids, config.validation_fraction, config.split_seed)
     else:
         split = dict.fromkeys(ids, "train")
-    os.makedirs(config.output, exist_ok=True)
     ordered = sorted(ids)
-    tmp = join(config.output, ".split.parquet.tmp")
-    pq.write_table(pa.table({"id": pa.array(ordered, pa.string()),
-                             "split": pa.array([split[i] for i in ordered], pa.string())}), tmp)
-    os.replace(tmp, join(config.output, "split.parquet"))
+    write_table(join(config.output, "split.parquet"),
+                pa.table({"id": pa.array(ordered, pa.string()),
+                          "split": pa.array([split[i] for i in ordered], pa.string())}))
 
     if soft:
         check_soft_labels(config, tokenizer, rows)
@@ -298,34 +296,54 @@ def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
 
 
 class MetricsLog:
-    """OUT/metrics.jsonl, written by rank 0. A resumed run first drops the lines after its checkpoint's step, so
-    the file reads as one uninterrupted run."""
+    """OUT/metrics.jsonl, written by rank 0 through the output's filesystem (`fs`, resolved on the driver: rank 0
+    may run on another node). A resumed run first drops the lines after its checkpoint's step, so the file reads as
+    one uninterrupted run.
 
-    def __init__(self, path: str, active: bool, resume_step: int):
-        self.path, self.active = path, active
+    A local file gets each line as it is logged (appended). An object store has no append: there the file is
+    rewritten whole at every `flush` (called at the validation steps, which include every checkpoint's step, so
+    a rerun always finds the lines up to its checkpoint)."""
+
+    def __init__(self, fs, path: str, active: bool, resume_step: int):
+        self.fs, self.path, self.active = fs, path, active
+        self.append = is_local(fs)
+        self.lines: list[str] = []
         if not active:
             return
-        kept = []
-        if resume_step and os.path.exists(path):
-            kept = [line for line in Path(path).read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-        Path(path).write_text("".join(line + "\n" for line in kept))
+        if resume_step and fs.get_file_info(path).type != pafs.FileType.NotFound:
+            with fs.open_input_stream(path) as f:
+                self.lines = [line for line in f.read().decode().splitlines()
+                              if line.strip() and json.loads(line)["step"] <= resume_step]
+        self._rewrite()
 
     def write(self, row: dict) -> None:
-        if self.active:
+        if not self.active:
+            return
+        self.lines.append(json.dumps(row))
+        if self.append:
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(self.lines[-1] + "\n")
+
+    def flush(self) -> None:
+        if self.active and not self.append:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        with self.fs.open_output_stream(self.path) as f:
+            f.write("".join(line + "\n" for line in self.lines).encode())
 
 
-def chaos(config: TrainConfig, step: int, rank: int, world: int) -> None:
-    """Testing only (`fail_at_step`): the last worker dies abruptly at the start of that step, once."""
+def chaos(config: TrainConfig, fs, out: str, step: int, rank: int, world: int) -> None:
+    """Testing only (`fail_at_step`): the last worker dies abruptly at the start of that step, once (a marker in
+    OUT/_chaos, on the output's filesystem `fs`, says it happened)."""
     if config.fail_at_step != step or rank != world - 1:
         return
-    marker = Path(config.output, "_chaos", f"failed_at_step_{step}")
-    if marker.exists():
+    marker = f"{out}/_chaos/failed_at_step_{step}"
+    if fs.get_file_info(marker).type != pafs.FileType.NotFound:
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text("this worker exited on purpose (fail_at_step)\n")
+    fs.create_dir(f"{out}/_chaos", recursive=True)
+    with fs.open_output_stream(marker) as f:
+        f.write(b"this worker exited on purpose (fail_at_step)\n")
     log.warning("fail_at_step=%d: worker %d exits now (chaos test)", step, rank)
     os._exit(1)
 
@@ -339,6 +357,7 @@ def train_loop(args: dict) -> None:
     from distill.training import collate, lr_factor, shard_evenly, token_losses
 
     config = TrainConfig.model_validate(args["config"])
+    fs, out = args["output"]  # OUT's filesystem and path, resolved on the driver
     data = ray.get(args["data"])
     train, val, plan = data["train"], data["val"], data["plan"]
     ctx = ray.train.get_context()
@@ -360,7 +379,7 @@ def train_loop(args: dict) -> None:
         with checkpoint.as_directory() as path:
             state = load_checkpoint(path, model, optimizer, scheduler)
         log.info("worker %d resumes after step %d", rank, state["step"])
-    metrics_log = MetricsLog(os.path.join(config.output, "metrics.jsonl"), rank == 0, state["step"])
+    metrics_log = MetricsLog(fs, f"{out}/metrics.jsonl", rank == 0, state["step"])
 
     def all_sum(*values: float) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -390,7 +409,7 @@ def train_loop(args: dict) -> None:
     t_start = time.monotonic() - state["elapsed_s"]
     model.train()
     for step in range(state["step"], total):
-        chaos(config, step + 1, rank, world)
+        chaos(config, fs, out, step + 1, rank, world)
         torch.manual_seed(config.seed * 1_000_003 + step * 1_009 + rank)  # dropout: same on every (re)run
         t0 = time.monotonic()
         # Every target token of the step weighs the same, whichever rank and micro-batch it is in: divide the
@@ -424,6 +443,7 @@ def train_loop(args: dict) -> None:
         if done % config.log_every == 0 or "val_loss" in row:
             metrics_log.write(row)
         if "val_loss" in row:
+            metrics_log.flush()
             # Ray Train gets the validation steps (a report is a barrier across workers: not every step).
             path = save_checkpoint(model, optimizer, scheduler, {"step": done, "elapsed_s": row["elapsed_s"]},
                                    rank) if save else None
@@ -438,43 +458,39 @@ def train_loop(args: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Export
 def export(config: TrainConfig, result) -> dict[str, Any]:
-    """Copy the chosen checkpoint's adapter to OUT/adapter (atomically); optionally merge it into the base."""
+    """Copy the chosen checkpoint's adapter to OUT/adapter (whole, see `staged_dir`); optionally merge it into the
+    base. The checkpoint is read locally (Ray downloads it when OUT is in an object store)."""
     scored = [(m["score"], m["step"], m["val_loss"], c) for c, m in (result.best_checkpoints or [])]
     if not scored:
         raise RuntimeError("training finished without a checkpoint")
     _, best_step, best_loss, best = min(scored, key=lambda t: (t[0], t[1]))
     chosen = best if config.export == "best" else result.checkpoint
-    target = Path(config.output, "adapter")
-    tmp = Path(config.output, ".adapter.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     with chosen.as_directory() as path:
-        shutil.copytree(os.path.join(path, "adapter"), tmp)
+        adapter = os.path.join(path, "adapter")
         chosen_step = json.loads(Path(path, "trainer_state.json").read_text())["step"]
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    if config.merge:
-        merge_adapter(config.student, str(target), os.path.join(config.output, "merged"))
+        with staged_dir(join(config.output, "adapter")) as staging:
+            shutil.copytree(adapter, staging, dirs_exist_ok=True)
+        if config.merge:
+            merge_adapter(config.student, adapter, join(config.output, "merged"))
     return {"best_val_loss": best_loss, "best_step": best_step, "adapter_step": chosen_step}
 
 
 def merge_adapter(student: str, adapter: str, dest: str) -> None:
+    """The base model with the (local) adapter merged in, saved with the tokenizer to `dest` (local or URI)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = AutoModelForCausalLM.from_pretrained(student, dtype="auto")
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    tmp = dest + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(student).save_pretrained(tmp)
-    shutil.rmtree(dest, ignore_errors=True)
-    os.rename(tmp, dest)
+    with staged_dir(dest) as staging:
+        merged.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(student).save_pretrained(staging)
 
 
 def read_metrics(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl (local path or URI); none when it does not exist."""
+    text = read_text(path) or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -493,7 +509,8 @@ def main(config: TrainConfig) -> dict[str, Any]:
         log.info("%s is complete already (%d steps); nothing to do", out, existing["steps"])
         return existing
     t0 = time.monotonic()
-    os.makedirs(out, exist_ok=True)
+    fs, out_path = resolve(out)
+    fs.create_dir(out_path, recursive=True)
     check_rerun(config)
     tokenizer = AutoTokenizer.from_pretrained(config.student)
     prepared = prepare(config, tokenizer)
@@ -506,12 +523,14 @@ def main(config: TrainConfig) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = TorchTrainer(
         train_loop,
+        # The workers get OUT as the filesystem object the driver resolved (endpoint, region and all), so rank 0
+        # writes metrics to the same place from whichever node it lands on.
         train_loop_config={"config": config.model_dump(), "data": ray.put(prepared), "use_gpu": use_gpu,
-                           "pad_id": pad_id},
+                           "pad_id": pad_id, "output": (fs, out_path)},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(
-            name="checkpoints", storage_path=os.path.abspath(out),
+            name="checkpoints", storage_path=out_path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints,
                                                checkpoint_score_attribute="score", checkpoint_score_order="min"),
@@ -521,7 +540,7 @@ def main(config: TrainConfig) -> dict[str, Any]:
     if result.error:
         raise result.error
     exported = export(config, result)
-    metrics = read_metrics(os.path.join(out, "metrics.jsonl"))
+    metrics = read_metrics(join(out, "metrics.jsonl"))
     vals = [m["val_loss"] for m in metrics if m.get("val_loss") is not None]
     tokens, seconds = sum(m["tokens"] for m in metrics), sum(m["step_s"] for m in metrics)
     summary = {
@@ -540,7 +559,7 @@ def main(config: TrainConfig) -> dict[str, Any]:
         "padding_waste_unpacked": prepared["padding_waste_unpacked"],
         "data": config.data, "student": config.student, "task": prepared["task"], "teacher": prepared["teacher"],
         "workers": config.workers, "device": "gpu" if use_gpu else "cpu",
-        "adapter": os.path.join(out, "adapter"),
+        "adapter": join(out, "adapter"),
         "config": config.model_dump(),
     }
     write_json(summary_path, summary)
@@ -583,4 +602,4 @@ def _cli(args) -> None:
         raise ConfigError(str(err)) from None
     print(json.dumps({k: summary[k] for k in ("steps", "final_loss", "final_val_loss", "best_val_loss",
                                               "tokens_per_s", "padding_waste", "split", "skipped")}, indent=2))
-    print(f"adapter: {summary['adapter']}\nmetrics: {os.path.join(config.output, 'metrics.jsonl')}")
+    print(f"adapter: {summary['adapter']}\nmetrics: {join(config.output, 'metrics.jsonl')}")

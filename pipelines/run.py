@@ -1,0 +1,138 @@
+"""Run: the whole distillation as one driver — generate, train, evaluate — the job users `ray job submit`.
+
+    distill run --config configs/demo.yaml
+    ray job submit --address http://HEAD:8265 --working-dir . -- distill run --config configs/qwen3-30b-a3b.yaml
+
+Every stage writes under one output root (local, or s3:// / gs:// so every node sees it):
+`OUTPUT/generate` (teacher data), `OUTPUT/train` (adapter, checkpoints), `OUTPUT/eval` (report). A stage whose
+output is complete is skipped; a partial one resumes (generation finishes only the missing ids, training restarts
+from its last checkpoint), so a preempted job that is submitted again picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal, Optional
+
+from pydantic import Field, model_validator
+
+from distill.config import StrictModel, build_config
+from distill.models import default_model_dir, sample_data_path
+from distill.storage import join, read_json, write_json
+from pipelines.evaluate import EvalConfig
+from pipelines.generate import GenerateConfig
+from pipelines.train import TrainConfig
+
+log = logging.getLogger("distill.run")
+
+Stage = Literal["generate", "train", "eval"]
+STAGES: tuple[Stage, ...] = ("generate", "train", "eval")
+
+# Fields the run sets in each stage's config from its own top-level fields: one place to say them, no way for
+# a stage section to contradict them.
+DERIVED = {
+    "generate": ("output", "task", "teacher", "input", "limit"),
+    "train": ("data", "output", "student"),
+    # No `data` for eval: given explicitly it means "all these rows are held out"; from `train` it is the split.
+    "eval": ("train", "data", "task", "teacher", "student", "adapter", "output"),
+}
+
+
+class RunConfig(StrictModel):
+    output: str = Field("runs/demo", description="Output root: generate/, train/, eval/ and run.json go under it.")
+    task: str = Field("language-id", description="Built-in task name or task YAML path.")
+    teacher: str = Field(default_model_dir(), description="Teacher model (folder or hub name).")
+    student: str = Field(default_model_dir(), description="Student base model (folder or hub name).")
+    input: str = Field(str(sample_data_path()), description="Queries (file, folder or URI) for generation.")
+    limit: Optional[int] = Field(None, ge=1, description="Use only the first N input rows.")
+    stages: list[Stage] = Field(list(STAGES), description="Stages to run, in pipeline order.")
+    generate: dict[str, Any] = Field(default_factory=dict, description="GenerateConfig options (pipelines/generate.py).")
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig options (pipelines/train.py).")
+    eval: dict[str, Any] = Field(default_factory=dict, description="EvalConfig options (pipelines/evaluate.py).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if [s for s in STAGES if s in self.stages] != list(self.stages):
+            raise ValueError(f"stages: must be in pipeline order {list(STAGES)} without repeats")
+        for stage, fields in DERIVED.items():
+            clash = sorted(set(getattr(self, stage)) & set(fields))
+            if clash:
+                raise ValueError(f"{stage}: {', '.join(clash)} are set by the run itself (top-level output, task, "
+                                 f"teacher, student, input, limit); remove them from the {stage} section")
+        # Build every stage config now, so a typo in any section fails before the first stage starts.
+        self.generate_config(), self.train_config(), self.eval_config()
+        return self
+
+    def stage_dir(self, stage: Stage) -> str:
+        return join(self.output, stage)
+
+    def generate_config(self) -> GenerateConfig:
+        return build_config(GenerateConfig, {**self.generate, "output": self.stage_dir("generate"), "task": self.task,
+                                             "teacher": self.teacher, "input": self.input, "limit": self.limit},
+                            "generate")
+
+    def train_config(self) -> TrainConfig:
+        return build_config(TrainConfig, {**self.train, "data": self.stage_dir("generate"),
+                                          "output": self.stage_dir("train"), "student": self.student}, "train")
+
+    def eval_config(self) -> EvalConfig:
+        train = self.stage_dir("train")
+        return build_config(EvalConfig, {**self.eval, "train": train, "task": self.task, "teacher": self.teacher, "student": self.student,
+                                         "adapter": join(train, "adapter"), "output": self.stage_dir("eval")}, "eval")
+
+
+def main(config: RunConfig) -> dict[str, Any]:
+    from distill.ray_init import init_ray
+    from pipelines import evaluate, generate, train
+
+    init_ray()
+    record_path = join(config.output, "run.json")
+    record = read_json(record_path) or {"stages": {}}
+    record["config"] = config.model_dump()
+    for stage in config.stages:
+        t0 = time.monotonic()
+        if stage == "generate":
+            manifest = generate.main(config.generate_config())
+            result = {k: manifest[k] for k in ("rows_in", "rows_written", "rows_rejected")}
+        elif stage == "train":
+            summary = train.main(config.train_config())
+            result = {k: summary.get(k) for k in ("steps", "final_loss", "final_val_loss", "best_val_loss")}
+        else:
+            report_path = join(config.stage_dir("eval"), "report.json")
+            # The report is written last and whole: if it is there, evaluation finished.
+            report = read_json(report_path)
+            if report is None:
+                report = evaluate.main(config.eval_config())
+            else:
+                log.info("%s exists; evaluation is complete", report_path)
+            result = {"report": join(config.stage_dir("eval"), "report.html"), "headline": report["headline"]}
+        record["stages"][stage] = {**result, "seconds_this_run": round(time.monotonic() - t0, 3)}
+        write_json(record_path, record)  # progress survives a preemption between stages
+        log.info("stage %s done in %.0fs: %s", stage, time.monotonic() - t0, result)
+    record["complete"] = list(config.stages) == list(STAGES)
+    write_json(record_path, record)
+    return record
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("run", help="generate -> train -> eval in one job (skips complete, resumes partial)")
+    p.add_argument("--config", help="YAML file with RunConfig fields (see configs/)")
+    p.add_argument("--output", help="output root, local or URI (overrides the config)")
+    p.add_argument("--stages", help="comma-separated subset of generate,train,eval")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> None:
+    from distill.config import load_config
+    from pipelines.evaluate import headline_lines
+
+    stages = args.stages.split(",") if args.stages else None
+    config = load_config(RunConfig, args.config, output=args.output, stages=stages)
+    record = main(config)
+    for stage, result in record["stages"].items():
+        print(f"{stage}: {result}" if stage != "eval" else "eval:")
+    if "eval" in record["stages"]:
+        print("\n".join("  " + line for line in headline_lines({"headline": record["stages"]["eval"]["headline"]})))
+        print(f"report: {record['stages']['eval']['report']}")
+    print(f"outputs: {config.output} (generate/, train/, eval/, run.json)")

@@ -1,0 +1,164 @@
+"""`distill run` as users run it: `ray job submit` to a Ray head on 127.0.0.1 with token auth.
+
+The head is a real `ray start --head` (its own session, killed at the end: never `ray stop`, which would end every
+Ray on the machine); jobs upload this repository as their working dir. Tiny model, small settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from distill.processes import kill_session
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "token"
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"  # `distill` and `ray` of this environment, for the driver too
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head on 127.0.0.1 with token auth; yields the job API address."""
+    port, dashboard = free_port(), free_port()
+    temp = tmp_path_factory.mktemp("ray-head")
+    log = open(temp / "head.log", "wb")
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
+         "--object-store-memory=400000000", "--include-dashboard=true", "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env=job_env(), start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            ok = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=job_env(),
+                                capture_output=True, text=True)
+            if ok.returncode == 0:
+                break
+            assert head.poll() is None, (temp / "head.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, ok.stderr[-2000:]
+            time.sleep(2)
+        yield address
+    finally:
+        kill_session(head.pid)
+        head.wait()
+
+
+def submit(address: str, config: Path, submission_id: str) -> None:
+    runtime_env = {"excludes": [".venv/", ".git/", "runs/", "bench/results/", "**/__pycache__/"]}
+    subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", submission_id, "--no-wait",
+         "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
+         "--", "distill", "run", "--config", str(config)],
+        env=job_env(), check=True, capture_output=True, text=True)
+
+
+def status(address: str, submission_id: str) -> str:
+    out = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, submission_id],
+                         env=job_env(), check=True, capture_output=True, text=True).stdout
+    for word in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
+        if word in out:
+            return word
+    raise AssertionError(out)
+
+
+def logs(address: str, submission_id: str) -> str:
+    return subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, submission_id],
+                          env=job_env(), capture_output=True, text=True).stdout
+
+
+def wait_for(address: str, submission_id: str, until: set[str], timeout: float = 600) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = status(address, submission_id)
+        if state in until:
+            return state
+        time.sleep(3)
+    raise AssertionError(f"{submission_id} still not {until}:\n{logs(address, submission_id)[-4000:]}")
+
+
+def write_config(path: Path, output: Path, tiny_model: str, rows: list[dict], stages: list[str]) -> Path:
+    source = path.parent / "queries.jsonl"
+    source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(json.dumps({
+        "output": str(output), "teacher": tiny_model, "student": tiny_model, "input": str(source),
+        "stages": stages,
+        "generate": {"rows_per_shard": 4, "flush_seconds": 1, "engine": {"batch_size": 4, "max_concurrent_batches": 1}},
+        "train": {"per_device_batch_size": 4, "gradient_accumulation": 1, "max_steps": 6, "learning_rate": 1e-3,
+                  "eval_every": 3, "checkpoint_every": 3, "lora": {"rank": 8}, "max_length": 512},
+        "eval": {"limit": 6},
+    }))
+    return path
+
+
+def sample_rows(n: int) -> list[dict]:
+    from distill.models import sample_data_path
+
+    rows = [json.loads(line) for line in sample_data_path().open(encoding="utf-8")]
+    return [{"id": r["id"], "text": r["text"], "label": r["label"]} for r in rows[::3][:n]]
+
+
+def test_submitted_pipeline_succeeds_and_writes_every_stage(tmp_path, ray_head, tiny_model):
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", out, tiny_model, sample_rows(24), ["generate", "train", "eval"])
+    submit(ray_head, config, "distill-full")
+    assert wait_for(ray_head, "distill-full", {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", \
+        logs(ray_head, "distill-full")[-4000:]
+
+    manifest = json.loads((out / "generate" / "manifest.json").read_text())
+    assert manifest["rows_in"] == 24 == manifest["rows_written"] + manifest["rows_rejected"]
+    summary = json.loads((out / "train" / "train_summary.json").read_text())
+    assert summary["complete"] and summary["steps"] == 6
+    assert (out / "train" / "adapter" / "adapter_model.safetensors").is_file()
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert report["headline"]["agreement"] is not None
+    run = json.loads((out / "run.json").read_text())
+    assert run["complete"] and set(run["stages"]) == {"generate", "train", "eval"}
+    assert "report:" in logs(ray_head, "distill-full")  # the driver printed where the report is
+
+
+def test_killed_job_resubmitted_finishes_with_each_id_once(tmp_path, ray_head, tiny_model):
+    rows = sample_rows(300)
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "run.yaml", out, tiny_model, rows, ["generate", "train"])
+    submit(ray_head, config, "distill-killed")
+    data_dir = out / "generate" / "data"
+    deadline = time.monotonic() + 300
+    while not (data_dir.exists() and list(data_dir.glob("*.parquet"))):
+        assert time.monotonic() < deadline, logs(ray_head, "distill-killed")[-4000:]
+        assert status(ray_head, "distill-killed") in {"PENDING", "RUNNING"}, logs(ray_head, "distill-killed")[-4000:]
+        time.sleep(0.5)
+    subprocess.run([str(BIN / "ray"), "job", "stop", "--address", ray_head, "distill-killed"], env=job_env(),
+                   check=True, capture_output=True)
+    assert wait_for(ray_head, "distill-killed", {"STOPPED", "FAILED", "SUCCEEDED"}) == "STOPPED"
+    assert not (out / "generate" / "manifest.json").exists(), "the stop must land mid-generation"
+
+    submit(ray_head, config, "distill-resubmitted")
+    assert wait_for(ray_head, "distill-resubmitted", {"SUCCEEDED", "FAILED", "STOPPED"}) == "SUCCEEDED", \
+        logs(ray_head, "distill-resubmitted")[-4000:]
+    data = pq.read_table(out / "generate" / "data")
+    rejects = pq.read_table(out / "generate" / "rejects") if any((out / "generate" / "rejects").iterdir()) else None
+    ids = data.column("id").to_pylist() + (rejects.column("id").to_pylist() if rejects is not None else [])
+    assert max(Counter(ids).values()) == 1 and set(ids) == {r["id"] for r in rows}
+    assert json.loads((out / "train" / "train_summary.json").read_text())["complete"]

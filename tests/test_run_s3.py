@@ -1,0 +1,185 @@
+"""Object-store outputs: `distill run` end to end into s3://, against a real S3 server (moto) on 127.0.0.1.
+
+The server speaks the S3 protocol over loopback; nothing here talks to AWS. pyarrow finds it through
+AWS_ENDPOINT_URL, which only the test's driver process has: Ray starts before the endpoint is set, so its workers
+reach the bucket only through the filesystem objects the driver resolved and handed to them, as they would on
+another node of a real cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pytest
+
+from distill.storage import (join, list_files, local_dir, read_columns, read_json, read_text, resolve, staged_dir,
+                             write_json, write_table)
+
+# Ray's worker processes keep the environment the cluster started with, and another test module may start it
+# before any fixture here runs: the dummy credentials are set at import so that every worker has them (without
+# credentials the AWS SDK would go looking for an instance-metadata service off this machine).
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_SESSION_TOKEN="testing",
+                  AWS_REGION="us-east-1", AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+
+BUCKET = "distill-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(ray_cluster) -> str:
+    """A bucket on a local S3 server; returns its s3:// root. Depends on ray_cluster so that Ray is up first."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = pytest.MonkeyPatch()
+    env.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                      allow_bucket_creation=True).create_dir(BUCKET)
+    yield f"s3://{BUCKET}"
+    env.undo()
+    server.stop()
+
+
+def objects(uri: str) -> dict[str, tuple[int, int]]:
+    """Every object under `uri`: path -> (size, modification time)."""
+    fs, path = resolve(uri)
+    return {f.path: (f.size, f.mtime_ns) for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            if f.type == pafs.FileType.File}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def test_storage_helpers_round_trip_through_s3(s3, tmp_path):
+    root = join(s3, "helpers")
+    write_table(join(root, "t.parquet"), pa.table({"id": ["a", "b"]}))
+    assert read_columns(join(root, "t.parquet"), ["id"]).column("id").to_pylist() == ["a", "b"]
+    write_json(join(root, "j.json"), {"x": 1})
+    assert read_json(join(root, "j.json")) == {"x": 1} and read_text(join(root, "missing")) is None
+
+    folder = join(root, "folder")
+    with staged_dir(folder) as staging:
+        os.makedirs(os.path.join(staging, "sub"))
+        for name in ("a.txt", "sub/b.txt"):
+            with open(os.path.join(staging, name), "w") as f:
+                f.write(name)
+    with staged_dir(folder) as staging:  # a new version replaces the old one, stale files included
+        with open(os.path.join(staging, "c.txt"), "w") as f:
+            f.write("c")
+    assert list_files(folder, suffixes=(".txt",)) == [join(folder, "c.txt")]
+    with pytest.raises(RuntimeError):
+        with staged_dir(folder) as staging:
+            raise RuntimeError("a failed export leaves the folder as it was")
+    assert list_files(folder, suffixes=(".txt",)) == [join(folder, "c.txt")]
+
+    with local_dir(folder) as local:
+        assert os.listdir(local) == ["c.txt"] and open(os.path.join(local, "c.txt")).read() == "c"
+    assert not os.path.exists(local)  # the download is temporary
+    with local_dir(str(tmp_path)) as local:  # a local folder is used in place
+        assert local == str(tmp_path)
+
+
+def test_metrics_log_rewrites_the_object_and_a_resumed_run_keeps_lines_up_to_its_checkpoint(s3):
+    from pipelines.train import MetricsLog, read_metrics
+
+    uri = join(s3, "metrics", "metrics.jsonl")
+    fs, path = resolve(uri)
+    log = MetricsLog(fs, path, active=True, resume_step=0)
+    for step in (1, 2, 3):
+        log.write({"step": step})
+    assert read_metrics(uri) == []  # no append on an object store: nothing until a flush
+    log.flush()
+    log.write({"step": 4})
+    assert [m["step"] for m in read_metrics(uri)] == [1, 2, 3]
+    resumed = MetricsLog(fs, path, active=True, resume_step=2)
+    assert [m["step"] for m in read_metrics(uri)] == [1, 2]
+    resumed.write({"step": 3})
+    resumed.flush()
+    assert [m["step"] for m in read_metrics(uri)] == [1, 2, 3]
+    MetricsLog(fs, path, active=False, resume_step=0).write({"step": 99})  # other ranks write nothing
+    assert [m["step"] for m in read_metrics(uri)] == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def pipeline(s3, tiny_model, tmp_path_factory) -> tuple:
+    """`distill run` into s3:// on the tiny model: 24 rows generated, 4 training steps on 2 workers (a checkpoint
+    every 2, merged model too), 3 held-out rows evaluated. Returns (config, record, what the working directory
+    held afterwards)."""
+    from pipelines.run import RunConfig, main
+
+    config = RunConfig(
+        output=join(s3, "run"), teacher=tiny_model, student=tiny_model, limit=24,
+        train={"workers": 2, "per_device_batch_size": 2, "gradient_accumulation": 1, "max_steps": 4,
+               "eval_every": 2, "checkpoint_every": 2, "learning_rate": 1e-3, "validation_fraction": 0.25,
+               "validation_limit": 4, "lora": {"rank": 8, "alpha": 16}, "merge": True},
+        eval={"limit": 3, "nll_batch_size": 4},
+    )
+    cwd = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as env:
+        env.chdir(cwd)  # nothing may land in the working directory (say, a local "s3:" folder)
+        record = main(config)
+    return config, record, os.listdir(cwd)
+
+
+@pytest.mark.timeout(600)  # ~3.5 min on a lightly loaded 2-core machine: four engine start-ups (1 generate, 3 eval)
+def test_distill_run_into_s3_end_to_end_and_rerun_skips_every_stage(pipeline, tiny_model):
+    from pipelines.run import main
+    from pipelines.train import read_metrics
+
+    config, record, cwd_files = pipeline
+    root = config.output
+    assert record["complete"] and cwd_files == []
+    manifest = read_json(join(root, "generate", "manifest.json"))
+    assert manifest["complete"] and manifest["rows_in"] == 24
+    assert manifest["rows_written"] + manifest["rows_rejected"] == 24 and manifest["rows_written"] >= 20
+    assert list_files(join(root, "generate", "data"))
+
+    train = join(root, "train")
+    summary = read_json(join(train, "train_summary.json"))
+    assert summary["complete"] and summary["steps"] == 4 and summary["workers"] == 2
+    assert summary["adapter"] == join(train, "adapter")
+    stored = objects(train)
+    prefix = resolve(train)[1]
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "split.parquet",
+                 "metrics.jsonl", "train_run.json", "merged/config.json"):
+        assert f"{prefix}/{name}" in stored, name
+    # Rank 0 wrote the metrics through the driver's filesystem object; Ray Train kept checkpoints in the bucket.
+    metrics = read_metrics(join(train, "metrics.jsonl"))
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [2, 4]
+    assert summary["final_val_loss"] == metrics[-1]["val_loss"]
+    assert any(p.startswith(f"{prefix}/checkpoints/step_000004/") for p in stored)
+    split = read_columns(join(train, "split.parquet"), ["id", "split"]).to_pylist()
+    assert len(split) == manifest["rows_written"] and summary["split"]["validation"] >= 1
+    adapter_config = json.loads(read_text(join(train, "adapter", "adapter_config.json")))
+    assert adapter_config["r"] == 8 and adapter_config["base_model_name_or_path"] == tiny_model
+
+    report = read_json(join(root, "eval", "report.json"))
+    assert report["inputs"]["rows"] == 3 and report["inputs"]["adapter"] == join(train, "adapter")
+    assert report["inputs"]["train"] == train and report["training"]["steps"] == 4
+    assert all(report["runs"][run]["requests"] == 3 and report["runs"][run]["errors"] == 0
+               for run in ("teacher", "student", "base"))
+    assert report["nll"]["student_no_prompt"] is not None
+    eval_objects = objects(join(root, "eval"))
+    for name in ("report.html", "report.md", "predictions.parquet"):
+        assert f"{resolve(join(root, 'eval'))[1]}/{name}" in eval_objects, name
+    assert record["stages"]["eval"]["report"] == join(root, "eval", "report.html")
+
+    # The same job submitted again finds every stage complete: nothing but run.json is written.
+    before = objects(root)
+    again = main(config)
+    after = objects(root)
+    run_json = f"{resolve(root)[1]}/run.json"
+    assert {k: v for k, v in after.items() if k != run_json} == {k: v for k, v in before.items() if k != run_json}
+    assert again["complete"]
+    assert all(again["stages"][s]["seconds_this_run"] < 20 for s in ("generate", "train", "eval")), again["stages"]
+    assert read_json(join(train, "train_summary.json")) == summary
