@@ -3,6 +3,9 @@
 Every output file appears whole or not at all: local shards are written under a temporary name and renamed;
 object stores (S3, GCS) only make an object visible once its upload completes. That is what lets a killed run be
 rerun into the same directory: a row is done exactly when it sits in a complete shard.
+
+Folders (a model, an adapter) move between local disk and the store with pyarrow.fs.copy_files: `staged_dir`
+publishes one that was filled locally, `local_dir` hands a stored one to libraries that only read local files.
 """
 
 from __future__ import annotations

@@ -183,3 +183,30 @@ def test_distill_run_into_s3_end_to_end_and_rerun_skips_every_stage(pipeline, ti
     assert again["complete"]
     assert all(again["stages"][s]["seconds_this_run"] < 20 for s in ("generate", "train", "eval")), again["stages"]
     assert read_json(join(train, "train_summary.json")) == summary
+
+
+@pytest.mark.timeout(300)
+def test_training_into_s3_resumes_after_a_crash_and_after_a_lost_worker(pipeline, s3, tiny_model):
+    """The driver-crash and worker-loss paths of test_train_ray, with OUT in the bucket: the rerun finds Ray
+    Train's run and checkpoints there, rank 0 finds its metrics there and drops the lines past the checkpoint."""
+    from pipelines.train import TrainConfig, main, read_metrics
+
+    config, _, _ = pipeline
+    out = join(s3, "crash")
+    crashing = TrainConfig(data=join(config.output, "generate"), output=out, student=tiny_model, workers=1,
+                           per_device_batch_size=2, gradient_accumulation=1, max_steps=6, eval_every=2,
+                           checkpoint_every=2, validation_limit=2, lora={"rank": 8, "alpha": 16},
+                           fail_at_step=4, max_failures=0)
+    with pytest.raises(Exception):
+        main(crashing)
+    assert read_json(join(out, "train_summary.json")) is None
+    assert [m["step"] for m in read_metrics(join(out, "metrics.jsonl"))] == [1, 2]  # rewritten at step 2
+
+    summary = main(crashing.model_copy(update={"fail_at_step": 6, "max_failures": 1}))
+    assert summary["complete"] and summary["steps"] == 6 and summary["adapter_step"] in (2, 4, 6)
+    for step in (4, 6):
+        assert read_text(join(out, "_chaos", f"failed_at_step_{step}")) is not None
+    metrics = read_metrics(join(out, "metrics.jsonl"))
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]  # no duplicated steps
+    assert [m["step"] for m in metrics if "val_loss" in m] == [2, 4, 6]
+    assert list_files(join(out, "adapter"), suffixes=(".safetensors",))
