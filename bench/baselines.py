@@ -6,7 +6,7 @@
 `vllm`: raw single-process vLLM `LLM.chat` on the same rows, model and sampling as the pipeline.
 `hf`: the approach the seeds started from, a sequential per-query Hugging Face `generate` loop.
 `train`: a plain single-process peft LoRA loop over padded batches in data order (what one writes first).
-Each prints one JSON line of its measurements.
+Each prints its measurements as one JSON line after bench.common.RESULT_MARK.
 """
 
 from __future__ import annotations
@@ -148,4 +148,6 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     result = {"vllm": run_vllm, "vllm-latency": run_vllm_latency, "hf": run_hf, "train": run_train}[args.kind](args)
-    print(json.dumps(result))
+    from bench.common import RESULT_MARK
+
+    print(RESULT_MARK + json.dumps(result), flush=True)

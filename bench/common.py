@@ -20,6 +20,7 @@ from typing import Any
 from distill.processes import kill_session, session_processes
 
 RESULTS = Path(__file__).parent / "results"
+RESULT_MARK = "BENCH_RESULT "  # helper scripts print their measurements on one line starting with this
 
 
 def machine() -> dict[str, Any]:
@@ -52,7 +53,8 @@ def machine() -> dict[str, Any]:
 
 def run_script(args: list[str], env: dict | None = None, timeout: float = 1800) -> dict[str, Any]:
     """Run a benchmark helper in its own process (engines need a fresh process; memory is measured per run)
-    and return the JSON it prints on its last line, plus its peak memory (all processes of its session)."""
+    and return the JSON it prints after RESULT_MARK (if any), plus its peak memory (all processes of its
+    session)."""
     full_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     full_env.update(env or {})
     proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -66,7 +68,9 @@ def run_script(args: list[str], env: dict | None = None, timeout: float = 1800) 
         kill_session(proc.pid)  # whatever the run left behind (engine processes leave its process group)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{err[-4000:]}")
-    result = json.loads(out.strip().splitlines()[-1])
+    # Engines print on shutdown after the script's own output: find the marked line, if the script prints one.
+    marked = [line for line in out.splitlines() if line.startswith(RESULT_MARK)]
+    result = json.loads(marked[-1][len(RESULT_MARK):]) if marked else {}
     result["peak_rss_gib"] = round(peak.peak / 1024**3, 3)
     return result
 
@@ -77,12 +81,12 @@ class PeakMemory(threading.Thread):
     def __init__(self, session_leader: int, every: float = 0.25):
         super().__init__(daemon=True)
         self.sid, self.every, self.peak = session_leader, every, 0
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
         import psutil
 
-        while not self._stop.is_set():
+        while not self._done.is_set():
             total = 0
             for p in session_processes(self.sid):
                 try:
@@ -93,7 +97,7 @@ class PeakMemory(threading.Thread):
             time.sleep(self.every)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
 
 

@@ -44,7 +44,7 @@ def baseline(kind: str, model: str, rows: int, *flags: str) -> dict:
     return run_script(["-m", "bench.baselines", kind, "--model", model, "--rows", str(rows), *flags])
 
 
-def main(rows: int = 200, hf_rows: int = 40, p3_rows: int = 100, p7_rows: int = 300, repeats: int = 2) -> None:
+def main(rows: int = 200, hf_rows: int = 40, p3_rows: int = 60, p7_rows: int = 300, repeats: int = 2) -> None:
     model = default_model_dir()
     results, table = {}, []
     with tempfile.TemporaryDirectory() as tmp:
