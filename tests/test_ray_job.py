@@ -41,12 +41,18 @@ def job_env() -> dict[str, str]:
 def ray_head(tmp_path_factory):
     """A Ray head on 127.0.0.1 with token auth; yields the job API address."""
     port, dashboard = free_port(), free_port()
+    # Every listening port of the head is picked free: the defaults (e.g. the dashboard agent's 52365) are taken
+    # when another Ray cluster runs on this machine, such as the session's own `ray_cluster`, and a head whose
+    # agent cannot bind never accepts a job.
+    ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "ray-client-server-port", "node-manager-port", "object-manager-port")]
     temp = tmp_path_factory.mktemp("ray-head")
     log = open(temp / "head.log", "wb")
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
-         "--object-store-memory=400000000", "--include-dashboard=true", "--disable-usage-stats"],
+         "--object-store-memory=400000000", "--include-dashboard=true", "--disable-usage-stats", *ports],
         stdout=log, stderr=subprocess.STDOUT, env=job_env(), start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
