@@ -49,11 +49,13 @@ def ray_head(tmp_path_factory):
         "ray-client-server-port", "node-manager-port", "object-manager-port")]
     temp = tmp_path_factory.mktemp("ray-head")
     log = open(temp / "head.log", "wb")
+    # A loaded 2-core machine can take over the default 60 s to bring the dashboard (the job API) up.
+    head_env = {**job_env(), "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300"}
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
          "--object-store-memory=400000000", "--include-dashboard=true", "--disable-usage-stats", *ports],
-        stdout=log, stderr=subprocess.STDOUT, env=job_env(), start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, env=head_env, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 120
