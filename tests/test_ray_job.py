@@ -104,8 +104,10 @@ def submit(address: str, config: Path, submission_id: str) -> None:
 
 
 def status(address: str, submission_id: str) -> str:
-    out = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, submission_id],
-                         env=job_env(), check=True, capture_output=True, text=True).stdout
+    done = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, submission_id],
+                          env=job_env(), check=True, capture_output=True, text=True)
+    # The CLI says "Status for job ...: RUNNING" while a job runs and "Job '...' succeeded" once it is over.
+    out = (done.stdout + done.stderr).upper()
     for word in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
         if word in out:
             return word
