@@ -144,11 +144,11 @@ def write_config(path: Path, output: Path, tiny_model: str, rows: list[dict], st
     return path
 
 
-def sample_rows(n: int) -> list[dict]:
+def sample_rows(n: int, step: int = 3) -> list[dict]:
     from distill.models import sample_data_path
 
     rows = [json.loads(line) for line in sample_data_path().open(encoding="utf-8")]
-    return [{"id": r["id"], "text": r["text"], "label": r["label"]} for r in rows[::3][:n]]
+    return [{"id": r["id"], "text": r["text"], "label": r["label"]} for r in rows[::step][:n]]
 
 
 def test_submitted_pipeline_succeeds_and_writes_every_stage(tmp_path, ray_head, tiny_model):
@@ -172,7 +172,7 @@ def test_submitted_pipeline_succeeds_and_writes_every_stage(tmp_path, ray_head, 
 
 
 def test_killed_job_resubmitted_finishes_with_each_id_once(tmp_path, ray_head, tiny_model):
-    rows = sample_rows(300)
+    rows = sample_rows(1299, step=1)  # the whole sample: long enough for the stop to land mid-generation
     out = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", out, tiny_model, rows, ["generate", "train"])
     submit(ray_head, config, "distill-killed")
