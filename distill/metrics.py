@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 NONE_LABEL = "(none)"  # confusion-matrix column for answers that did not parse to a label
 
@@ -146,20 +146,24 @@ def words(text: Optional[str]) -> list[str]:
     return _WORD.findall((text or "").lower())
 
 
-def token_f1(predicted: Optional[str], reference: Optional[str]) -> float:
-    """Bag-of-words F1 between two texts (SQuAD style). Both empty: 1.0; exactly one empty or missing: 0.0."""
+def _overlap_f1(overlap: Callable[[list[str], list[str]], int], predicted: Optional[str],
+                reference: Optional[str]) -> float:
+    """F1 of an overlap count between the word tokens of two texts. Both empty: 1.0; one empty or missing: 0.0."""
     if predicted is None or reference is None:
         return 0.0
     p, r = words(predicted), words(reference)
     if not p and not r:
         return 1.0
-    if not p or not r:
+    shared = overlap(p, r) if p and r else 0
+    if shared == 0:
         return 0.0
-    overlap = sum((Counter(p) & Counter(r)).values())
-    if overlap == 0:
-        return 0.0
-    precision, recall = overlap / len(p), overlap / len(r)
+    precision, recall = shared / len(p), shared / len(r)
     return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(predicted: Optional[str], reference: Optional[str]) -> float:
+    """Bag-of-words F1 between two texts (SQuAD style)."""
+    return _overlap_f1(lambda p, r: sum((Counter(p) & Counter(r)).values()), predicted, reference)
 
 
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
@@ -177,16 +181,7 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
 
 def rouge_l(predicted: Optional[str], reference: Optional[str]) -> float:
     """ROUGE-L F1 over word tokens: LCS-based precision and recall, combined with equal weight."""
-    if predicted is None or reference is None:
-        return 0.0
-    p, r = words(predicted), words(reference)
-    if not p and not r:
-        return 1.0
-    lcs = lcs_length(p, r)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
+    return _overlap_f1(lcs_length, predicted, reference)
 
 
 def text_similarity(predicted: Sequence[Optional[str]], reference: Sequence[Optional[str]]) -> dict:
