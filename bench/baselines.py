@@ -2,8 +2,10 @@
 
     python -m bench.baselines vllm --model M --rows N [--no-prompt] [--no-prefix-caching]
     python -m bench.baselines hf --model M --rows N
+    python -m bench.baselines arm-latency --rows N --arm '{"model": M, ...}'
 
 `vllm`: raw single-process vLLM `LLM.chat` on the same rows, model and sampling as the pipeline.
+`arm-latency`: the teacher arm of `distill serve` in process, no Serve around it.
 `hf`: the approach the seeds started from, a sequential per-query Hugging Face `generate` loop.
 `train`: a plain single-process peft LoRA loop over padded batches in data order (what one writes first).
 Each prints its measurements as one JSON line after bench.common.RESULT_MARK.
@@ -46,26 +48,29 @@ def run_vllm(args) -> dict:
             "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
 
 
-def run_vllm_latency(args) -> dict:
-    """One request at a time through an in-process engine: the per-request latency Serve adds to (P6)."""
-    from vllm import LLM, SamplingParams
-    from vllm.sampling_params import StructuredOutputsParams
+def run_arm_latency(args) -> dict:
+    """The served teacher's own code without Serve: serve/arms.py `LLMArm` built in this process with the same
+    arm settings, and the same queries sent one at a time, after the same warm-up. What is left between this and
+    the served latency is Serve itself: HTTP proxy, gateway deployment, handle calls (P6)."""
+    import asyncio
 
-    task, messages = workload(args.rows + args.warmup, True)
-    choices = task.canonical_answers()
-    llm = LLM(model=args.model, dtype="bfloat16", enforce_eager=True, max_model_len=2048,
-              kv_cache_memory_bytes=256 * 1024**2, enable_prefix_caching=True, seed=0)
-    # The serve arm's own budget rule: at least the longest allowed answer in bytes.
-    params = SamplingParams(temperature=task.teacher.temperature,
-                            max_tokens=max(task.teacher.max_tokens, max(len(c.encode()) for c in choices) + 2),
-                            structured_outputs=StructuredOutputsParams(choice=choices))
-    latencies = []
-    for i, m in enumerate(messages):
-        t = time.perf_counter()
-        llm.chat([m], params, use_tqdm=False)
-        if i >= args.warmup:
-            latencies.append(time.perf_counter() - t)
-    return {"rows": len(latencies), "latencies_s": latencies}
+    from serve.arms import TEACHER_ROLE, LLMArm
+    from serve.latency import CompareLatencyConfig, load_queries
+
+    queries = load_queries(CompareLatencyConfig(limit=args.rows))
+
+    async def measure() -> list[float]:
+        arm = LLMArm(TEACHER_ROLE, json.loads(args.arm), "language-id", "cpu")
+        latencies = []
+        for i, query in enumerate(queries[:args.warmup] + queries):
+            t = time.perf_counter()
+            answer = await arm.generate({"messages": [{"role": "user", "content": query}]})
+            assert "error" not in answer, answer
+            if i >= args.warmup:
+                latencies.append(time.perf_counter() - t)
+        return latencies
+
+    return {"rows": len(queries), "latencies_s": asyncio.run(measure())}
 
 
 def run_hf(args) -> dict:
@@ -99,11 +104,14 @@ def run_train(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pipelines.train import LoraOptions
+
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=32, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                             target_modules="all-linear"))
+    lora = LoraOptions()  # distill train's defaults: the same adapter shape and dropout on both sides
+    model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                             task_type="CAUSAL_LM", target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     rows = pq.read_table(args.data).to_pylist()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -136,9 +144,10 @@ def run_train(args) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("kind", choices=["vllm", "vllm-latency", "hf", "train"])
+    parser.add_argument("kind", choices=["vllm", "arm-latency", "hf", "train"])
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--arm", help="arm-latency: the teacher arm's settings (TeacherArmConfig) as JSON")
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--no-prompt", action="store_true")
@@ -147,7 +156,7 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
-    result = {"vllm": run_vllm, "vllm-latency": run_vllm_latency, "hf": run_hf, "train": run_train}[args.kind](args)
+    result = {"vllm": run_vllm, "arm-latency": run_arm_latency, "hf": run_hf, "train": run_train}[args.kind](args)
     from bench.common import RESULT_MARK
 
     print(RESULT_MARK + json.dumps(result), flush=True)

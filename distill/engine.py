@@ -31,6 +31,14 @@ class EngineConfig(StrictModel):
     continue_on_error: bool = Field(
         True, description="A failing request becomes a rejected row instead of failing the job.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vLLM engine arguments.")
+    cpu_reserved_cores: Optional[int] = Field(
+        None, ge=0, description="CPU only: cores vLLM keeps off its compute threads for its scheduler process "
+        "(VLLM_CPU_NUM_OF_RESERVED_CPU; vLLM's default: 1). 0 gives the model every core the engine binds to: "
+        "on a 2-core machine that doubles throughput (measured: 300 rows with the language-id prompt, 73 s -> "
+        "35 s after start-up) at the price of a warning from vLLM.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables of the engine processes, e.g. "
+        "VLLM_CPU_OMP_THREADS_BIND=0-15 to give a CPU engine its own cores.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "EngineConfig":
@@ -64,6 +72,14 @@ def engine_kwargs(config: EngineConfig, device: str, **extra: Any) -> dict[str, 
     return kwargs
 
 
+def engine_env(config: EngineConfig) -> dict[str, str]:
+    """The environment of an engine's processes (Ray runtime_env env_vars)."""
+    env = dict(config.env)
+    if config.cpu_reserved_cores is not None:
+        env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", str(config.cpu_reserved_cores))
+    return env
+
+
 def processor_config(config: EngineConfig, model: str, chat_template_kwargs: Optional[dict] = None,
                      **extra_engine_kwargs: Any):
     """A `ray.data.llm` vLLM processor config: an autoscaling actor pool of engines over `model`."""
@@ -84,6 +100,7 @@ def processor_config(config: EngineConfig, model: str, chat_template_kwargs: Opt
         max_concurrent_batches=config.max_concurrent_batches,
         placement_group_config=placement,
         should_continue_on_error=config.continue_on_error,
+        runtime_env={"env_vars": engine_env(config)} if engine_env(config) else None,
         # Templating and (de)tokenizing are light: a fraction of a CPU each leaves the cores to the engines.
         chat_template_stage={"num_cpus": config.side_stage_cpus, "chat_template_kwargs": chat_template_kwargs},
         tokenize_stage={"num_cpus": config.side_stage_cpus},

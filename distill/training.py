@@ -2,8 +2,9 @@
 
 - `split_of`: the deterministic train/validation split by id hash.
 - `tokenize_example`: the student's chat template, with targets only on the assistant's answer.
-- `collate`: a micro-batch as one packed row (position ids restart per example, so examples never attend to
-  each other) or as a padded batch.
+- `collate`: a micro-batch as one packed row (position ids restart per example, and the example boundaries go
+  to the attention, so examples never attend to each other) or as a padded batch.
+- `packed_attention`: causal attention run per packed example (SDPA's fused kernel, no L x L mask).
 - `token_losses`: summed cross-entropy over the targets, optionally mixed with KL to the teacher's top-k.
 - `StepPlan`: which examples every rank trains on at every optimizer step (the data position is the step).
 """
@@ -161,9 +162,10 @@ def check_same_tokenizer(student_tokenizer, teacher_tokenizer, teacher: str) -> 
 def collate(examples: list[Example], packed: bool, pad_id: int) -> dict[str, Any]:
     """A micro-batch as tensors.
 
-    packed: one row, the examples end to end, position ids restarting at 0 for each. With no attention mask,
-    transformers derives a block-diagonal causal mask from those position ids (`find_packed_sequence_indices`),
-    so no example attends to another: no padding, and the same loss as the examples one by one.
+    packed: one row, the examples end to end, position ids restarting at 0 for each, and the cumulative example
+    lengths (`cu_seq_lens`, the boundaries that varlen attention kernels take). `packed_attention` attends within
+    each example; plain SDPA derives a block-diagonal mask from the position ids instead. Either way no example
+    sees another: no padding, and the same loss as the examples one by one.
     Otherwise: a padded batch with an attention mask (padding is never a target).
     """
     import torch
@@ -173,6 +175,8 @@ def collate(examples: list[Example], packed: bool, pad_id: int) -> dict[str, Any
             "input_ids": torch.from_numpy(np.concatenate([e.input_ids for e in examples]))[None],
             "position_ids": torch.from_numpy(np.concatenate([np.arange(e.length) for e in examples]))[None],
             "targets": torch.from_numpy(np.concatenate([e.targets for e in examples]))[None],
+            "cu_seq_lens": torch.from_numpy(np.cumsum([0] + [e.length for e in examples])).to(torch.int32),
+            "max_length": max(e.length for e in examples),
         }
         offsets = np.cumsum([0] + [e.length for e in examples[:-1]])
         rows = [0] * len(examples)
@@ -197,6 +201,45 @@ def collate(examples: list[Example], packed: bool, pad_id: int) -> dict[str, Any
     batch["tokens"] = sum(e.length for e in examples)
     batch["slots"] = int(batch["input_ids"].numel())
     return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention over packed rows
+PACKED_ATTENTION = "distill_packed_sdpa"
+
+
+def packed_attention() -> str:
+    """Registers (once) and returns the name of an attention implementation for packed rows, to pass as
+    `attn_implementation`: causal SDPA run separately on each example of the row (`cu_seq_lens_q`).
+
+    Why: plain SDPA on a packed row needs a block-diagonal L x L mask, which rules out the fused causal kernel,
+    costs L^2 per head and layer, and computes every cross-example score only to mask it; per example the cost
+    is the sum of the squared lengths. Measured on a 2-core CPU with SmolLM2, 8 examples per row: forward and
+    backward 1.5x faster. Padded batches (no `cu_seq_lens_q`) take plain SDPA with transformers' mask.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        import torch
+        import torch.nn.functional as F
+
+        cu = kwargs.get("cu_seq_lens_q")
+        if cu is None or query.shape[0] != 1:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, **kwargs)
+        bounds = cu.tolist()
+        parts = [F.scaled_dot_product_attention(  # [1, heads, length, head_dim] per example
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
+            dropout_p=dropout if module.training else 0.0, enable_gqa=query.shape[1] != key.shape[1])
+            for a, b in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+    if PACKED_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(PACKED_ATTENTION, attention)
+        AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)  # padded batches keep their mask
+    return PACKED_ATTENTION
 
 
 def padding_waste(lengths_per_batch: list[list[int]], packed: bool) -> float:
@@ -226,8 +269,11 @@ def token_losses(model, batch: dict[str, Any], soft_weight: float = 0.0):
     keep = (targets != IGNORE).any(0).nonzero().squeeze(-1)
     kwargs = {"input_ids": batch["input_ids"].to(device), "use_cache": False, "logits_to_keep": keep}
     if "position_ids" in batch:
-        # No attention mask on purpose: a mask would switch off the packed-sequence detection.
-        kwargs["position_ids"] = batch["position_ids"].to(device)
+        # No attention mask on purpose: a mask would switch off plain SDPA's packed-sequence detection. The
+        # boundaries go by the names transformers' varlen (flash) attention reads, as does `packed_attention`.
+        cu = batch["cu_seq_lens"].to(device)
+        kwargs.update(position_ids=batch["position_ids"].to(device), cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                      max_length_q=batch["max_length"], max_length_k=batch["max_length"])
     else:
         kwargs["attention_mask"] = batch["attention_mask"].to(device)
     logits = model(**kwargs).logits.float()  # [rows, kept positions, vocab]

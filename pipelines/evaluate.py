@@ -285,21 +285,12 @@ def distilled_engine(config: EvalConfig, student: str, adapter: str,
     import shutil
     import tempfile
 
-    import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from pipelines.train import merge_adapter
 
     dest = tempfile.mkdtemp(prefix="distill-merged-student-")
     stack.callback(shutil.rmtree, dest, True)
     log.info("merging %s into a copy of %s at %s", adapter, student, dest)
-    dtype = getattr(AutoConfig.from_pretrained(student), "dtype", None) or torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    # Merged in float32 (no rounding of the LoRA product), saved in the student's own dtype.
-    base = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    merged.to(dtype).save_pretrained(dest)
-    AutoTokenizer.from_pretrained(student).save_pretrained(dest)
-    del base, merged
+    merge_adapter(student, adapter, dest)
     return dest, {}
 
 

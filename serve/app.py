@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from distill.config import ConfigError
+from distill.engine import engine_env
 from distill.tasks import load_task
 from serve.arms import STUDENT_ROLE, TEACHER_ROLE, LLMArm
 from serve.config import STUDENT_MODEL, TEACHER_MODEL, ArmConfig, ServeConfig, adapter_rank
@@ -312,7 +313,8 @@ def resolve_config(config: ServeConfig) -> ServeConfig:
         raise ConfigError(f"student.adapters has no adapter named after the task {task.name!r} (it is what the "
                           f"model 'student' serves); adapters: {sorted(adapters)}")
     if not adapters:
-        log.warning("no student adapter given: the model 'student' is the bare base model %s", config.student.model)
+        log.info("no student adapter: the model 'student' is %s as it is (a merged student, or the bare base)",
+                 config.student.model)
     for arm in (config.teacher, config.student):
         if arm.guided_choices and task.answer.type == "labels":
             bad = [c for c in arm.guided_choices if task.label_of(c) is None]
@@ -340,7 +342,8 @@ def _arm(role: str, arm: ArmConfig, task: str, device: str):
         # Engine start-up (weights, KV cache) takes a while on CPU; the health check runs vLLM's own.
         "health_check_period_s": 10, "health_check_timeout_s": 60, "graceful_shutdown_timeout_s": 20,
     }
-    actor_options: dict[str, Any] = {"runtime_env": {"env_vars": dict(arm.env)}} if arm.env else {}
+    env = engine_env(engine)
+    actor_options: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     if device == "gpu" and engine.tensor_parallel_size > 1:
         # One bundle per GPU worker of the engine, packed on one node; vLLM's Ray executor fills them.
         options["placement_group_bundles"] = [{"CPU": 1}] + [{"GPU": 1}] * engine.tensor_parallel_size

@@ -36,10 +36,8 @@ class ArmConfig(StrictModel):
     engine: EngineConfig = Field(
         default_factory=lambda: EngineConfig(max_model_len=2048, kv_cache_memory_bytes=256 * 1024**2),
         description="vLLM engine settings (device, max_model_len, kv_cache_memory_bytes, dtype, engine_kwargs, "
-        "cpus_per_engine, tensor_parallel_size...). The Ray Data batching fields do not apply to serving.")
-    env: dict[str, str] = Field(
-        default_factory=dict, description="Environment variables of this arm's replicas, e.g. "
-        "VLLM_CPU_OMP_THREADS_BIND to give each CPU engine its own cores.")
+        "cpus_per_engine, tensor_parallel_size, cpu_reserved_cores, env...). The Ray Data batching fields do not "
+        "apply to serving.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "ArmConfig":

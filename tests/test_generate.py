@@ -161,7 +161,9 @@ def test_smollm2_end_to_end_on_sample_rows(tmp_path, ray_cluster, smollm2):
     rows = SAMPLE[::26][:50]
     source = write_jsonl(tmp_path / "q.jsonl", rows)
     out = str(tmp_path / "gen")
-    manifest = main(GenerateConfig(input=source, output=out, teacher=smollm2, engine={"batch_size": 25}))
+    # Both cores for the engine's threads, as the demo runs it.
+    manifest = main(GenerateConfig(input=source, output=out, teacher=smollm2,
+                                   engine={"batch_size": 25, "cpu_reserved_cores": 0}))
     assert_each_id_once(out, {r["id"] for r in rows})
     data, _, _ = outputs(out)
     task = load_task("language-id")
@@ -169,3 +171,17 @@ def test_smollm2_end_to_end_on_sample_rows(tmp_path, ray_cluster, smollm2):
     assert manifest["rows_written"] == 50
     assert all(task.label_of(a) for a in data.column("answer").to_pylist())
     assert len(set(data.column("label").to_pylist())) >= 2, "a real model does not answer one label for everything"
+
+
+def test_engine_environment_reaches_the_engine_actors(tiny_model):
+    """cpu_reserved_cores and env become the runtime_env of the ray.data.llm engine stage (and so of the vLLM
+    processes it starts); an explicit env entry wins over the shortcut."""
+    from distill.engine import EngineConfig, processor_config
+
+    config = processor_config(EngineConfig(device="cpu", cpu_reserved_cores=0, env={"VLLM_LOGGING_LEVEL": "DEBUG"}),
+                              tiny_model)
+    assert config.runtime_env == {"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_LOGGING_LEVEL": "DEBUG"}}
+    config = processor_config(EngineConfig(device="cpu", cpu_reserved_cores=0,
+                                           env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}), tiny_model)
+    assert config.runtime_env == {"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}}
+    assert processor_config(EngineConfig(device="cpu"), tiny_model).runtime_env is None

@@ -15,8 +15,8 @@ import torch
 
 from distill.config import ConfigError
 from distill.formats import DATA_SCHEMA
-from distill.training import (IGNORE, StepPlan, TrainDataError, collate, lr_factor, padding_waste, shard_evenly,
-                              split_of, token_losses, tokenize_example)
+from distill.training import (IGNORE, StepPlan, TrainDataError, collate, lr_factor, packed_attention, padding_waste,
+                              shard_evenly, split_of, token_losses, tokenize_example)
 from pipelines.train import TrainConfig, check_soft_labels, prepare
 
 TEXTS = ["Bonjour tout le monde, ceci est un texte.", "Hello", "Alle Menschen sind frei und gleich an Würde.",
@@ -43,11 +43,15 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model):
+def load_model(path: str, attention: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attention).eval()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return load_model(tiny_model)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,7 +95,10 @@ def test_loss_reads_the_answer_positions_only(tokenizer, model):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Packing
-def test_packing_gives_the_loss_of_unpacked_batches(tokenizer, model):
+@pytest.mark.parametrize("attention", ["sdpa", packed_attention()])
+def test_packing_gives_the_loss_of_unpacked_batches(attention, tokenizer, tiny_model):
+    """Plain SDPA (block-diagonal mask from the position ids) and `packed_attention` (SDPA per example)."""
+    model = load_model(tiny_model, attention)
     examples = [tokenize_example(tokenizer, str(i), chat(t, f"Final Answer: {a}"), 2048)
                 for i, (t, a) in enumerate(zip(TEXTS, ["fr", "en", "de", "es", "ru"]))]
     pad = tokenizer.pad_token_id
@@ -101,14 +108,19 @@ def test_packing_gives_the_loss_of_unpacked_batches(tokenizer, model):
         one_by_one = [token_losses(model, collate([e], packed=True, pad_id=pad)) for e in examples]
         # Each example's logits inside the pack equal its logits alone: no example sees another.
         batch = collate(examples, packed=True, pad_id=pad)
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                       cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
+                       max_length_q=batch["max_length"], max_length_k=batch["max_length"]).logits[0]
         start = 0
         for e in examples:
             alone = model(input_ids=torch.from_numpy(e.input_ids)[None], use_cache=False).logits[0]
             torch.testing.assert_close(logits[start:start + e.length], alone, rtol=1e-4, atol=1e-4)
             start += e.length
-        # The test can tell: the same row with positions that do not restart (examples attending to each other).
-        leaky, _ = token_losses(model, {**batch, "position_ids": torch.arange(batch["input_ids"].shape[1])[None]})
+        # The test can tell: the same row as one sequence (examples attending to each other).
+        width = batch["input_ids"].shape[1]
+        leaky, _ = token_losses(model, {**batch, "position_ids": torch.arange(width)[None],
+                                        "cu_seq_lens": torch.tensor([0, width], dtype=torch.int32),
+                                        "max_length": width})
     assert n_packed == n_padded == sum(n for _, n in one_by_one) == sum(e.n_targets for e in examples)
     expected = sum(float(s) for s, _ in one_by_one)
     assert float(packed) == pytest.approx(expected, rel=1e-5)

@@ -103,7 +103,9 @@ def test_saved_adapter_reloads_in_peft_with_the_trained_models_numbers(reference
             sums = [token_losses(model, collate([e], packed=True, pad_id=tokenizer.pad_token_id)) for e in val]
         return sum(float(s) for s, _ in sums) / sum(n for _, n in sums)
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    # The base in the dtype it was trained in (bf16-base: bf16 base weights under an fp32 adapter).
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_model, dtype=torch.bfloat16 if summary["precision"] == "bf16-base" else torch.float32)
     untrained = val_loss(base)
     peft_model = PeftModel.from_pretrained(base, os.path.join(config.output, "adapter")).eval()
     reloaded = val_loss(peft_model)
