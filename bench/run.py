@@ -22,7 +22,8 @@ def main(names: list[str]) -> None:
         SUITES[name]()
     parts = [(RESULTS / f"{n}.md").read_text() for n in SUITES if (RESULTS / f"{n}.md").exists()]
     (RESULTS / "README.md").write_text("# Benchmark results\n\nWritten by `make bench`; each file below has its "
-                                       "JSON beside it.\n\n" + "\n".join(parts))
+                                       "JSON beside it; history.md has the before/after of each figure.\n\n"
+                                       + "\n".join(parts))
     print(f"bench done in {time.monotonic() - t0:.0f}s; table: {RESULTS / 'README.md'}")
 
 
