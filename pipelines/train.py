@@ -96,9 +96,9 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16", "bf16-base"] = Field(
         "auto", description="fp32: everything in fp32. bf16: fp32 master weights, bf16 compute (FSDP mixed "
         "precision). bf16-base: the frozen base weights stored and run in bf16, the LoRA weights and their "
-        "optimizer state in fp32 (half the base's memory; on CPUs with bf16 instructions 1.6x faster than fp32, "
-        "where FSDP's mixed precision is slower). auto: bf16 on GPU; on CPU bf16-base where the CPU has bf16 "
-        "instructions, else fp32.")
+        "optimizer state in fp32 (half the base's memory; on an AVX-512 CPU with bf16 instructions 1.6x faster "
+        "than fp32, where FSDP's mixed precision is slower). auto: bf16 on GPU; on CPU bf16-base where oneDNN has "
+        "bf16 kernels for the CPU (AVX-512 and newer), else fp32.")
     gradient_checkpointing: Optional[bool] = Field(None, description="Recompute activations in backward; "
                                                    "default: on for GPU, off for CPU.")
     # evaluation, logging, checkpoints
@@ -259,7 +259,11 @@ def resolve_precision(precision: str, use_gpu: bool) -> str:
         return "bf16"
     import torch
 
-    return "bf16-base" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    try:  # oneDNN has bf16 kernels for this CPU (AVX-512 and newer); elsewhere bf16 is emulated, slower than fp32
+        native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native_bf16 = False
+    return "bf16-base" if native_bf16 else "fp32"
 
 
 def lora_targets(base, target_modules: str | list[str]) -> list[str]:
