@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import run_script, verdict, write_result
+from distill.engine import EngineConfig, engine_env
 from distill.models import default_model_dir, sample_data_path, tiny_model_dir
 
 # Every engine, pipeline or baseline, computes on all cores (vLLM on CPU keeps one for its scheduler unless told).
@@ -47,7 +48,7 @@ def run_pipeline(model: str, rows: int, work: Path, tag: str, batch_size: int = 
 
 def baseline(kind: str, model: str, rows: int, *flags: str) -> dict:
     return run_script(["-m", "bench.baselines", kind, "--model", model, "--rows", str(rows), *flags],
-                      env={"VLLM_CPU_NUM_OF_RESERVED_CPU": str(RESERVED_CORES)})
+                      env=engine_env(EngineConfig(cpu_reserved_cores=RESERVED_CORES)))
 
 
 def fit(small: list[dict], large: list[dict]) -> dict[str, float]:

@@ -6,7 +6,8 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
-from distill.config import StrictModel
+from distill.config import ConfigError, StrictModel
+from distill.storage import join, read_json
 
 
 class EngineConfig(StrictModel):
@@ -90,6 +91,7 @@ def processor_config(config: EngineConfig, model: str, chat_template_kwargs: Opt
         placement = {"bundles": [{"CPU": config.cpus_per_engine}]}
     else:
         placement = {"bundles": [{"GPU": 1, "CPU": 1}] * config.tensor_parallel_size, "strategy": "PACK"}
+    env = engine_env(config)
     concurrency = (config.min_actors, config.max_actors) if config.max_actors > config.min_actors \
         else config.min_actors
     return vLLMEngineProcessorConfig(
@@ -100,9 +102,36 @@ def processor_config(config: EngineConfig, model: str, chat_template_kwargs: Opt
         max_concurrent_batches=config.max_concurrent_batches,
         placement_group_config=placement,
         should_continue_on_error=config.continue_on_error,
-        runtime_env={"env_vars": engine_env(config)} if engine_env(config) else None,
+        runtime_env={"env_vars": env} if env else None,
         # Templating and (de)tokenizing are light: a fraction of a CPU each leaves the cores to the engines.
         chat_template_stage={"num_cpus": config.side_stage_cpus, "chat_template_kwargs": chat_template_kwargs},
         tokenize_stage={"num_cpus": config.side_stage_cpus},
         detokenize_stage={"num_cpus": config.side_stage_cpus},
     )
+
+
+# vLLM accepts only these values for max_lora_rank.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def adapter_rank(path: str) -> int:
+    """The largest LoRA rank of a PEFT adapter folder (local or URI): `r`, or a per-module `rank_pattern` entry
+    above it. A ConfigError names the folder if it is not an adapter."""
+    config_path = join(path, "adapter_config.json")
+    try:
+        cfg = read_json(config_path)
+        if cfg is None:
+            raise ConfigError(f"{path}: not a PEFT adapter folder (no adapter_config.json); train one with "
+                              f"`distill train` or point at OUT/adapter")
+        return max([int(cfg["r"])] + [int(v) for v in (cfg.get("rank_pattern") or {}).values()])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{config_path}: cannot read the LoRA rank 'r': {err}") from None
+
+
+def vllm_max_lora_rank(ranks: list[int]) -> int:
+    """The smallest max_lora_rank vLLM accepts that covers every rank."""
+    need = max(ranks)
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= need:
+            return allowed
+    raise ConfigError(f"LoRA rank {need} is above vLLM's maximum {VLLM_LORA_RANKS[-1]}")

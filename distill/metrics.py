@@ -91,7 +91,7 @@ def confusion_matrix(reference: Sequence[Optional[str]], predicted: Sequence[Opt
         if r not in row_of:
             skipped += 1
             continue
-        matrix[row_of[r]][col_of.get(p, col_of[NONE_LABEL]) if p is not None else col_of[NONE_LABEL]] += 1
+        matrix[row_of[r]][col_of.get(p, col_of[NONE_LABEL])] += 1
     return {"rows": labels, "columns": columns, "matrix": matrix, "skipped": skipped}
 
 

@@ -556,9 +556,3 @@ def _write_report(out: str, work: str, remote, report: dict[str, Any], details: 
     write_json(join(out, "report.json"), report)
     return {"json": join(out, "report.json"), "md": join(out, "report.md"), "html": join(out, "report.html"),
             "predictions": join(out, "predictions.parquet"), **{k: join(out, v) for k, v in plots.items()}}
-
-
-def load_report(out: str) -> dict[str, Any]:
-    fs, path = resolve(join(out, "report.json"))
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())

@@ -154,6 +154,14 @@ class TaskSpec(StrictModel):
             return None
         return [self.answer.template.format(label=label) for label in self.answer.labels]
 
+    @staticmethod
+    def choice_budget(choices: list[str]) -> int:
+        """max_tokens that fits any of `choices` however a constrained model spells it. Counted in bytes, not in
+        the tokenizer's usual tokens: under the grammar a weak model may write an allowed answer a few characters
+        per token (SmolLM2 took 13 tokens for "Final Answer: ru"); decoding stops once an answer is complete, so
+        the spare budget costs nothing."""
+        return max(len(c.encode("utf-8")) for c in choices) + 2
+
     # -- reading the teacher ------------------------------------------------------------------------------
     def parse(self, raw: str) -> ParsedAnswer:
         reasoning, visible, finished = split_reasoning(raw)

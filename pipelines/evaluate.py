@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -37,9 +36,10 @@ from pydantic import Field
 
 from distill import metrics as M
 from distill.config import ConfigError, StrictModel
-from distill.engine import EngineConfig, processor_config
+from distill.engine import EngineConfig, adapter_rank, processor_config, vllm_max_lora_rank
 from distill.storage import exists, join, list_files, local_dir, read_columns, read_json, resolve
 from distill.tasks import TaskSpec, load_task
+from pipelines.train import merge_adapter, read_metrics
 
 log = logging.getLogger("distill.evaluate")
 
@@ -149,10 +149,7 @@ def resolve_inputs(config: EvalConfig) -> Inputs:
         summary = read_json(join(config.train, "train_summary.json"))
         if summary is None:
             raise ConfigError(f"--train {config.train}: no train_summary.json (is it a training output?)")
-        fs, path = resolve(join(config.train, "metrics.jsonl"))
-        if fs.get_file_info(path).type.name != "NotFound":
-            with fs.open_input_stream(path) as f:
-                train_metrics = [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+        train_metrics = read_metrics(join(config.train, "metrics.jsonl"))
     if not config.data and not summary:
         raise ConfigError("nothing to evaluate: give --train OUT (a training output) or --data HELDOUT")
     data = config.data or summary["data"]
@@ -194,16 +191,6 @@ def resolve_inputs(config: EvalConfig) -> Inputs:
 
 # ----------------------------------------------------------------------------------------------------------------
 # 2. Generation runs
-def lora_rank(adapter: str) -> int:
-    """The adapter's rank rounded up to a value vLLM accepts for max_lora_rank."""
-    cfg = read_json(join(adapter, "adapter_config.json"))
-    rank = max([int(cfg.get("r") or 8)] + [int(v) for v in (cfg.get("rank_pattern") or {}).values()])
-    for allowed in (8, 16, 32, 64, 128, 256, 320, 512):
-        if rank <= allowed:
-            return allowed
-    raise ConfigError(f"adapter {adapter}: rank {rank} exceeds what vLLM serves (512)")
-
-
 def run_engine(name: str, rows: list[dict], model: str, messages: Callable[[str], list[dict]],
                sampling: dict[str, Any], config: EvalConfig, chat_template_kwargs: Optional[dict] = None,
                adapter: Optional[str] = None) -> tuple[dict[str, dict], float]:
@@ -223,7 +210,7 @@ def run_engine(name: str, rows: list[dict], model: str, messages: Callable[[str]
     lora_path = None
     if adapter:
         lora_path = os.path.abspath(adapter) if "://" not in adapter else adapter
-        extra.update(enable_lora=True, max_lora_rank=lora_rank(adapter), max_loras=1)
+        extra.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank([adapter_rank(adapter)]), max_loras=1)
 
     def preprocess(row: dict) -> dict:
         out = {"messages": messages(row["text"]), "sampling_params": sampling}
@@ -285,8 +272,6 @@ def distilled_engine(config: EvalConfig, student: str, adapter: str,
     import shutil
     import tempfile
 
-    from pipelines.train import merge_adapter
-
     dest = tempfile.mkdtemp(prefix="distill-merged-student-")
     stack.callback(shutil.rmtree, dest, True)
     log.info("merging %s into a copy of %s at %s", adapter, student, dest)
@@ -300,9 +285,7 @@ def student_sampling(config: EvalConfig, task: TaskSpec, tokenizer, rows: list[d
     choices = task.canonical_answers()
     if config.student_constrained and choices:
         params["structured_outputs"] = {"choice": choices}
-        # As for the constrained teacher (generate.teacher_sampling): guided decoding may spell an answer a few
-        # bytes per token, so the budget is the longest answer's length in bytes.
-        params["max_tokens"] = max(params["max_tokens"], max(len(c.encode("utf-8")) for c in choices) + 2)
+        params["max_tokens"] = max(params["max_tokens"], TaskSpec.choice_budget(choices))
     return params
 
 

@@ -86,12 +86,7 @@ def teacher_sampling(config: GenerateConfig, task: TaskSpec) -> dict[str, Any]:
     choices = task.canonical_answers() if task.teacher.constrained else None
     if choices:
         params["structured_outputs"] = {"choice": choices}
-        # The longest canonical answer must fit however the constrained teacher spells it: a weak model may
-        # write an allowed answer a few characters per token (SmolLM2 took 13 tokens for "Final Answer: ru"), so
-        # budget its length in bytes, not in the tokenizer's usual tokens. Decoding stops once an answer is
-        # complete, so the spare budget costs nothing.
-        longest = max(len(c.encode("utf-8")) for c in choices)
-        params["max_tokens"] = max(params["max_tokens"], longest + 2)
+        params["max_tokens"] = max(params["max_tokens"], TaskSpec.choice_budget(choices))
     if config.logprobs:
         params["logprobs"] = config.logprobs
     return params

@@ -32,10 +32,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from distill.config import ConfigError
-from distill.engine import engine_env
+from distill.engine import adapter_rank, engine_env
 from distill.tasks import load_task
 from serve.arms import STUDENT_ROLE, TEACHER_ROLE, LLMArm
-from serve.config import STUDENT_MODEL, TEACHER_MODEL, ArmConfig, ServeConfig, adapter_rank
+from serve.config import STUDENT_MODEL, TEACHER_MODEL, ArmConfig, ServeConfig
 from serve.protocol import (ChatRequest, chat_completion, chunk, completion_id, error_body, usage,
                             validation_message)
 from serve.router import STUDENT, TEACHER, Rollout

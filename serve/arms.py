@@ -13,8 +13,9 @@ import logging
 import uuid
 from typing import AsyncIterator, Optional
 
+from distill.engine import adapter_rank, vllm_max_lora_rank
 from distill.tasks import THINK_OPEN, TaskSpec, load_task, split_reasoning
-from serve.config import StudentArmConfig, TeacherArmConfig, adapter_rank, vllm_max_lora_rank
+from serve.config import StudentArmConfig, TeacherArmConfig
 from serve.protocol import ThinkSplitter
 
 log = logging.getLogger("distill.serve.arm")

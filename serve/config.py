@@ -3,13 +3,11 @@ do not exist are errors (see distill/config.py)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from distill.config import ConfigError, StrictModel
+from distill.config import StrictModel
 from distill.engine import EngineConfig
 from distill.models import default_model_dir
 from serve.router import RolloutConfig
@@ -91,27 +89,3 @@ class ServeConfig(StrictModel):
         if clash:
             raise ValueError(f"student.adapters: names {sorted(clash)} are reserved model names")
         return self
-
-
-def adapter_rank(path: str) -> int:
-    """LoRA rank of a PEFT adapter folder; a ConfigError names the folder if it is not one."""
-    config_path = Path(path) / "adapter_config.json"
-    if not config_path.is_file():
-        raise ConfigError(f"{path}: not a PEFT adapter folder (no adapter_config.json); train one with "
-                          f"`distill train` or point at OUT/adapter")
-    try:
-        return int(json.loads(config_path.read_text())["r"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"{config_path}: cannot read the LoRA rank 'r': {err}") from None
-
-
-# vLLM accepts only these values for max_lora_rank.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def vllm_max_lora_rank(ranks: list[int]) -> int:
-    need = max(ranks)
-    for allowed in VLLM_LORA_RANKS:
-        if allowed >= need:
-            return allowed
-    raise ConfigError(f"LoRA rank {need} is above vLLM's maximum {VLLM_LORA_RANKS[-1]}")

@@ -27,6 +27,7 @@ from typing import Iterable, Optional
 from pydantic import Field
 
 from distill.config import StrictModel
+from distill.metrics import percentile
 from distill.tasks import TaskSpec
 
 log = logging.getLogger("distill.serve.rollout")
@@ -70,13 +71,8 @@ def user_fraction(user: str) -> float:
 
 
 def quantile(values: Iterable[float], q: float) -> Optional[float]:
-    """Linear-interpolated quantile (numpy's default), None for no values."""
-    xs = sorted(values)
-    if not xs:
-        return None
-    pos = (len(xs) - 1) * q
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    """Linear-interpolated quantile, q in 0..1 (distill.metrics.percentile), None for no values."""
+    return percentile(list(values), 100 * q)
 
 
 _PUNCT_EDGES = re.compile(r"^[\W_]+|[\W_]+$", re.UNICODE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
 
 import pytest
 
@@ -24,6 +25,17 @@ def smollm2() -> str:
     if not is_prepared(path):
         pytest.fail(f"{path} is not prepared: run `make setup` (or `distill models prepare`)")
     return path
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a TCP port on 127.0.0.1 that is free right now."""
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return pick
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -28,18 +27,12 @@ os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", 
 BUCKET = "distill-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3(ray_cluster) -> str:
+def s3(ray_cluster, free_port) -> str:
     """A bucket on a local S3 server; returns its s3:// root. Depends on ray_cluster so that Ray is up first."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = pytest.MonkeyPatch()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from collections import Counter
 
@@ -34,12 +33,6 @@ TEACHER_CHOICES = [f"Final Answer: {label}" for label in ("en", "fr", "de", "es"
 STUDENT_CHOICES = ["Final Answer: ot"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_adapter(base: str, dest, seed: int, rank: int = 8) -> str:
     """A real PEFT LoRA adapter on the tiny model, with random (non-zero) lora_B so it changes the outputs."""
     import torch
@@ -59,7 +52,7 @@ def make_adapter(base: str, dest, seed: int, rank: int = 8) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tiny_model, tmp_path_factory):
+def server(ray_cluster, tiny_model, tmp_path_factory, free_port):
     from serve.app import start, stop
     from serve.config import ServeConfig
 
@@ -67,7 +60,7 @@ def server(ray_cluster, tiny_model, tmp_path_factory):
     engine = {"max_model_len": 2048, "kv_cache_memory_bytes": 128 * 1024**2}
     config = ServeConfig.model_validate({
         "task": "language-id",
-        "port": _free_port(),
+        "port": free_port(),
         "api_key": API_KEY,
         "max_request_bytes": 64 * 1024,
         "teacher": {"model": tiny_model, "guided": True, "guided_choices": TEACHER_CHOICES, "temperature": 0.0,

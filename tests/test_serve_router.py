@@ -11,7 +11,8 @@ from pydantic import ValidationError
 from distill.config import ConfigError
 from distill.tasks import load_task, split_reasoning
 from serve.arms import teacher_conversation
-from serve.config import ServeConfig, adapter_rank, vllm_max_lora_rank
+from distill.engine import adapter_rank, vllm_max_lora_rank
+from serve.config import ServeConfig
 from serve.protocol import ChatRequest, ThinkSplitter, validation_message
 from serve.router import STUDENT, TEACHER, Rollout, RolloutConfig, agreement, normalise, quantile, user_fraction
 
