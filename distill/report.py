@@ -25,7 +25,8 @@ REPORT_KEYS: dict[str, str] = {
     "seconds": "Wall seconds of the whole evaluation (engines, NLL, report).",
     "task": "{name, type ('labels'|'free_text'), labels (label set or null), description}.",
     "inputs": "{data, train, split, rows, rows_with_gold, limit, teacher, student, adapter, student_constrained, "
-              "student_serving ('merged' or 'lora': how the engine served the distilled student)}: "
+              "student_serving ('merged' or 'lora': how the engine served the distilled student), engine {device, dtype, "
+              "dtype_setting, cpu_kind, native_bf16, driver_cpu}: what the engines ran on and in}: "
               "what was evaluated. rows = held-out queries scored.",
     "headline": "{agreement, agreement_base, rouge_l, gold_accuracy {teacher, student, base} or null, gap_closed, "
                 "speedup_p50, savings_per_1k_queries_usd, break_even_queries, student_parse_rate}: the numbers to "
@@ -343,7 +344,7 @@ def render_html(report: dict[str, Any], plots: dict[str, str], examples: list[di
                  f"<p class=sub>{_esc(report['task']['description'])}<br>{inputs['rows']} held-out queries from "
                  f"<code>{_esc(inputs['data'])}</code> · teacher <code>{_esc(inputs['teacher'])}</code> · student "
                  f"<code>{_esc(inputs['student'])}</code> + adapter <code>{_esc(inputs['adapter'])}</code> (served "
-                 f"{_esc(inputs.get('student_serving'))}) · "
+                 f"{_esc(inputs.get('student_serving'))}) · engines {_esc(_engine_line(inputs.get('engine')))} · "
                  f"{_esc(report['created'])}</p>")
 
     cards = []
@@ -505,6 +506,12 @@ def render_html(report: dict[str, Any], plots: dict[str, str], examples: list[di
     parts.append("<p class=note>Numbers: report.json (keys documented in distill/report.py REPORT_KEYS).</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _engine_line(engine: Optional[dict]) -> str:
+    if not engine:
+        return "n/a"
+    return f"{engine['dtype']} on {engine['device']} (CPU kind {engine['cpu_kind']})"
 
 
 def _short(text: Optional[str], n: int = 220) -> str:

@@ -36,7 +36,7 @@ from pydantic import Field
 
 from distill import metrics as M
 from distill.config import ConfigError, StrictModel
-from distill.engine import EngineConfig, adapter_rank, processor_config, vllm_max_lora_rank
+from distill.engine import EngineConfig, adapter_rank, engine_facts, processor_config, vllm_max_lora_rank
 from distill.storage import exists, join, list_files, local_dir, read_columns, read_json, resolve
 from distill.tasks import TaskSpec, load_task
 from pipelines.train import merge_adapter, read_metrics
@@ -500,7 +500,8 @@ def build_report(config: EvalConfig, inputs: Inputs, results: dict[str, dict[str
         "inputs": {"data": inputs.data, "train": inputs.train, "split": config.split if not config.data else None,
                    "rows": len(rows), "rows_with_gold": sum(g is not None for g in gold), "limit": config.limit,
                    "teacher": inputs.teacher, "student": inputs.student, "adapter": inputs.adapter,
-                   "student_constrained": config.student_constrained, "student_serving": config.student_serving},
+                   "student_constrained": config.student_constrained, "student_serving": config.student_serving,
+                   "engine": engine_facts(config.engine)},
         "headline": headline,
         "runs": runs,
         "fidelity": fidelity,

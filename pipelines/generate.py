@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from distill.config import StrictModel
-from distill.engine import EngineConfig, processor_config
+from distill.engine import EngineConfig, engine_facts, processor_config
 from distill.formats import DATA_SCHEMA, QUERY_SCHEMA, REJECT_SCHEMA
 from distill.inputs import read_queries
 from distill.models import default_model_dir, sample_data_path
@@ -403,8 +403,11 @@ def main(config: GenerateConfig) -> dict[str, Any]:
     prepared = prepare(config, task, tokenizer, sampling)
 
     attempts = {}
+    init_ray()
+    engine = engine_facts(config.engine)
+    log.info("teacher engine: %s, dtype %s (setting %s; CPU kind %s)", engine["device"], engine["dtype"],
+             engine["dtype_setting"], engine["cpu_kind"])
     if prepared["queries"]:
-        init_ray()
         for attempt in range(config.retries + 1):
             clean_temporaries(attempt_dir(out, attempt + 1))
             counts = run_attempt(config, task, sampling, attempt)
@@ -418,7 +421,7 @@ def main(config: GenerateConfig) -> dict[str, Any]:
         "prompt_tokens_per_query": prepared["prompt_tokens"],
         "sampling": {k: v for k, v in sampling.items() if k != "structured_outputs"},
         "constrained": "structured_outputs" in sampling,
-        "samples": config.samples, "retries": config.retries,
+        "samples": config.samples, "retries": config.retries, "engine": engine,
         "timings": {"prepare_s": round(prepared["seconds"], 3), "total_s_this_run": round(time.monotonic() - t0, 3),
                     "attempts": attempts},
         "config": config.model_dump(),

@@ -97,8 +97,9 @@ class TrainConfig(StrictModel):
         "auto", description="fp32: everything in fp32. bf16: fp32 master weights, bf16 compute (FSDP mixed "
         "precision). bf16-base: the frozen base weights stored and run in bf16, the LoRA weights and their "
         "optimizer state in fp32 (half the base's memory; on an AVX-512 CPU with bf16 instructions 1.6x faster "
-        "than fp32, where FSDP's mixed precision is slower). auto: bf16 on GPU; on CPU bf16-base where oneDNN has "
-        "bf16 kernels for the CPU (AVX-512 and newer), else fp32.")
+        "than fp32, where FSDP's mixed precision is slower). auto: bf16 on GPU; on CPU bf16-base where every CPU "
+        "node has native bf16 (AVX512_BF16 or AMX), else fp32 (distill.hardware, the rule the engines' dtype "
+        "follows).")
     gradient_checkpointing: Optional[bool] = Field(None, description="Recompute activations in backward; "
                                                    "default: on for GPU, off for CPU.")
     # evaluation, logging, checkpoints
@@ -250,20 +251,6 @@ def build_model(config: TrainConfig, device, use_gpu: bool, precision: str):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
-
-
-def resolve_precision(precision: str, use_gpu: bool) -> str:
-    if precision != "auto":
-        return precision
-    if use_gpu:
-        return "bf16"
-    import torch
-
-    try:  # oneDNN has bf16 kernels for this CPU (AVX-512 and newer); elsewhere bf16 is emulated, slower than fp32
-        native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native_bf16 = False
-    return "bf16-base" if native_bf16 else "fp32"
 
 
 def lora_targets(base, target_modules: str | list[str]) -> list[str]:
@@ -529,6 +516,7 @@ def main(config: TrainConfig) -> dict[str, Any]:
     from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
 
+    from distill.hardware import cluster_cpu_flags, cpu_kind, describe, training_precision
     from distill.ray_init import init_ray
 
     out = config.output
@@ -549,7 +537,10 @@ def main(config: TrainConfig) -> dict[str, Any]:
 
     init_ray()
     use_gpu = config.device == "gpu" or (config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    precision = resolve_precision(config.precision, use_gpu)
+    flags = cluster_cpu_flags()
+    precision = training_precision(config.precision, use_gpu, flags)
+    log.info("training precision %s (setting %s; %s, CPU kind %s)", precision, config.precision,
+             "GPU" if use_gpu else "CPU", cpu_kind(flags))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = TorchTrainer(
         train_loop,
@@ -589,6 +580,7 @@ def main(config: TrainConfig) -> dict[str, Any]:
         "padding_waste_unpacked": prepared["padding_waste_unpacked"],
         "data": config.data, "student": config.student, "task": prepared["task"], "teacher": prepared["teacher"],
         "workers": config.workers, "device": "gpu" if use_gpu else "cpu", "precision": precision,
+        "cpu": describe(flags),
         "adapter": join(out, "adapter"),
         "config": config.model_dump(),
     }

@@ -148,10 +148,13 @@ VLLM_SCRIPT = textwrap.dedent("""
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
 
+        from distill.engine import EngineConfig, engine_kwargs
+
         student, adapter, examples_path, rank = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
         examples = json.load(open(examples_path))
-        llm = LLM(model=student, enable_lora=True, max_lora_rank=rank, max_loras=1, dtype="bfloat16",
-                  enforce_eager=True, max_model_len=1024, kv_cache_memory_bytes=256 * 1024**2, seed=0)
+        engine = EngineConfig(max_model_len=1024, kv_cache_memory_bytes=256 * 1024**2)  # dtype: auto for this CPU
+        llm = LLM(model=student, enable_lora=True, max_lora_rank=rank, max_loras=1, seed=0,
+                  **engine_kwargs(engine, "cpu"))
         conversations = [[{"role": "user", "content": e["text"]}] for e in examples]  # no task prompt
         params = SamplingParams(temperature=0.0, max_tokens=24)
         student_out = llm.chat(conversations, params, lora_request=LoRARequest("student", 1, adapter))
