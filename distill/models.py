@@ -14,6 +14,7 @@ from pathlib import Path
 
 SMOLLM2 = "SmolLM2-135M-Instruct"
 TINY = "tiny-chat"
+TINY_MOE = "tiny-moe"
 
 # ChatML, the format SmolLM2 uses too; the tiny model gets the same template so both behave alike in tests.
 CHATML_TEMPLATE = (
@@ -33,8 +34,8 @@ def default_model_dir() -> str:
     return str(models_home() / SMOLLM2)
 
 
-def tiny_model_dir() -> str:
-    return str(models_home() / TINY)
+def tiny_model_dir(moe: bool = False) -> str:
+    return str(models_home() / (TINY_MOE if moe else TINY))
 
 
 def is_prepared(path: str | Path) -> bool:
@@ -77,10 +78,13 @@ def prepare_smollm2(dest: str | Path | None = None, force: bool = False) -> Path
     return dest
 
 
-def build_tiny_model(dest: str | Path | None = None, force: bool = False, seed: int = 0) -> Path:
+def build_tiny_model(dest: str | Path | None = None, force: bool = False, seed: int = 0, moe: bool = False) -> Path:
     """A random-init Llama (head_dim 64, 2 layers) with a byte-level BPE tokenizer trained here on the bundled
-    sample and the built-in task prompts, and the ChatML template. Loads in vLLM and peft in seconds."""
-    dest = Path(dest or tiny_model_dir())
+    sample and the built-in task prompts, and the ChatML template. Loads in vLLM and peft in seconds.
+
+    moe: a Qwen3-MoE instead (4 experts, 2 per token, fused expert weights in transformers 5), the shape of the
+    seeds' 30B-A3B student in miniature, with the same tokenizer."""
+    dest = Path(dest or tiny_model_dir(moe))
     if is_prepared(dest) and not force:
         return dest
     import torch
@@ -108,13 +112,19 @@ def build_tiny_model(dest: str | Path | None = None, force: bool = False, seed: 
     tokenizer.chat_template = CHATML_TEMPLATE
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, dtype="bfloat16",
-    )
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        dtype="bfloat16")
+    if moe:
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        config = Qwen3MoeConfig(intermediate_size=256, moe_intermediate_size=64, num_experts=4,
+                                num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], **common)
+        model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(intermediate_size=256, **common)).to(torch.bfloat16)
     tmp = dest.with_name(dest.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

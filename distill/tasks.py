@@ -201,3 +201,17 @@ def load_task(name_or_path: str) -> TaskSpec:
                 f"unknown task {name_or_path!r}: not a file, and not a built-in task ({', '.join(builtin_tasks())})"
             )
     return build_config(TaskSpec, read_yaml(path), str(path))
+
+
+def task_of_data(data: str) -> Optional[TaskSpec]:
+    """The task a generation output was made with: the whole spec its manifest records (a user's task file need
+    not exist where training runs), else the built-in task its rows name; None when neither is known."""
+    from distill.storage import join, read_columns, read_json
+
+    manifest = read_json(join(data, "manifest.json")) or {}
+    if manifest.get("task_spec"):
+        return TaskSpec.model_validate(manifest["task_spec"])
+    names = {n for n in read_columns(join(data, "data"), ["task"]).column("task").to_pylist() if n}
+    if len(names) == 1 and next(iter(names)) in builtin_tasks():
+        return load_task(next(iter(names)))
+    return None

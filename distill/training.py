@@ -108,6 +108,11 @@ def tokenize_example(tokenizer, example_id: str, messages: list[dict], max_lengt
     prompt_ids, answer_ids = render(tokenizer, messages)
     soft = None
     if teacher_token_ids is not None and topk_ids is not None and topk_logprobs is not None:
+        # Whitespace the teacher wrote before its answer (after a think block) is not part of the stripped answer.
+        lead = 0
+        while lead < len(teacher_token_ids) and not tokenizer.decode(teacher_token_ids[lead:lead + 1]).strip():
+            lead += 1
+        teacher_token_ids, topk_ids, topk_logprobs = teacher_token_ids[lead:], topk_ids[lead:], topk_logprobs[lead:]
         answer_text = tokenizer.decode(answer_ids, skip_special_tokens=False)
         for m in range(min(len(teacher_token_ids), len(topk_ids), len(topk_logprobs)), 0, -1):
             head = tokenizer.decode(teacher_token_ids[:m], skip_special_tokens=False)
@@ -148,13 +153,19 @@ def tokenize_rows(tokenizer, rows: list[dict], max_length: int, soft: bool) -> t
     return examples, skipped
 
 
-def check_same_tokenizer(student_tokenizer, teacher_tokenizer, teacher: str) -> None:
-    """Soft labels index the teacher's vocabulary: they mean nothing to a student with another tokenizer."""
+def same_tokenizer(student_tokenizer, teacher: str) -> tuple[bool, str]:
+    """Soft labels index the teacher's vocabulary: they mean something to the student only if it shares the
+    teacher's tokenizer. (same, why) with the teacher given by its model folder or name."""
+    from transformers import AutoTokenizer
+
+    try:
+        teacher_tokenizer = AutoTokenizer.from_pretrained(teacher)
+    except Exception as err:
+        return False, f"cannot load the teacher's tokenizer {teacher!r} to compare ({type(err).__name__}: {err})"
     if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-        raise TrainDataError(
-            f"soft labels need the student and the teacher ({teacher}) to share a tokenizer, and they differ "
-            f"(vocabularies of {len(student_tokenizer)} and {len(teacher_tokenizer)} tokens); train on hard labels "
-            "(soft_label_weight: 0) or use a student from the teacher's family")
+        return False, (f"the student's tokenizer differs from the teacher's ({teacher}; vocabularies of "
+                       f"{len(student_tokenizer)} and {len(teacher_tokenizer)} tokens)")
+    return True, "same tokenizer"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,3 +358,165 @@ def shard_evenly(n: int, per_batch: int, workers: int) -> list[list[list[int]]]:
     per_rank = [list(range(r, n, workers)) for r in range(workers)]
     count = max(1, max(math.ceil(len(p) / per_batch) for p in per_rank))
     return [[p[b * per_batch:(b + 1) * per_batch] for b in range(count)] for p in per_rank]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenized examples on storage: each worker streams its own shard instead of every worker receiving the whole set
+STEPS_PER_ROW_GROUP = 16
+
+
+def token_schema():
+    import pyarrow as pa
+
+    ints = pa.list_(pa.int32())
+    return pa.schema([("step", pa.int32()), ("micro", pa.int32()), ("id", pa.string()), ("input_ids", ints),
+                      ("targets", ints), ("soft_positions", ints), ("soft_ids", pa.list_(ints)),
+                      ("soft_logprobs", pa.list_(pa.list_(pa.float32())))])
+
+
+def _example_row(step: int, micro: int, e: Example) -> dict:
+    soft = e.soft_positions is not None
+    return {"step": step, "micro": micro, "id": e.id, "input_ids": e.input_ids.tolist(),
+            "targets": e.targets.tolist(), "soft_positions": e.soft_positions.tolist() if soft else None,
+            "soft_ids": e.soft_ids.tolist() if soft else None,
+            "soft_logprobs": e.soft_logprobs.tolist() if soft else None}
+
+
+def _row_example(row: dict) -> Example:
+    soft = row["soft_positions"] is not None
+    return Example(row["id"], np.asarray(row["input_ids"], np.int64), np.asarray(row["targets"], np.int64),
+                   np.asarray(row["soft_positions"], np.int64) if soft else None,
+                   np.asarray(row["soft_ids"], np.int64) if soft else None,
+                   np.asarray(row["soft_logprobs"], np.float32) if soft else None)
+
+
+def write_rank_shards(fs, folder: str, examples: list[Example], steps: list, workers: int) -> list[str]:
+    """One Parquet file per rank with, in training order, the examples that rank trains on: rows (step, micro,
+    example), row groups of STEPS_PER_ROW_GROUP steps (a resumed worker skips whole groups). Returns the paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs.create_dir(folder, recursive=True)
+    schema = token_schema()
+    paths = []
+    for rank in range(workers):
+        path = f"{folder}/train-rank{rank:03d}-of{workers:03d}.parquet"
+        with pq.ParquetWriter(path, schema, filesystem=fs) as writer:
+            for start in range(0, len(steps), STEPS_PER_ROW_GROUP):
+                rows = [_example_row(s, m, examples[j])
+                        for s in range(start, min(start + STEPS_PER_ROW_GROUP, len(steps)))
+                        for m, micro in enumerate(steps[s][rank]) for j in micro]
+                if rows:
+                    writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+        paths.append(path)
+    return paths
+
+
+def write_examples(fs, path: str, examples: list[Example]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [_example_row(0, 0, e) for e in examples]
+    pq.write_table(pa.Table.from_pylist(rows, schema=token_schema()), path, filesystem=fs)
+
+
+def read_examples(fs, path: str, keep=None) -> list[Example]:
+    """All examples of a token file (`keep(i)` selects by row position)."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(path, filesystem=fs).to_pylist()
+    return [_row_example(r) for i, r in enumerate(rows) if keep is None or keep(i)]
+
+
+def rank_steps(fs, path: str, start_step: int, accumulation: int):
+    """Yield (step, [micro-batch examples] x accumulation) from a rank's shard, from `start_step` on, reading one
+    row group at a time (memory stays at one group however large the data). A micro slot the plan left empty is
+    an empty list."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path, filesystem=fs)
+    current, micros = None, None
+    for g in range(pf.num_row_groups):
+        steps = pf.metadata.row_group(g).column(0).statistics
+        if steps is not None and steps.has_min_max and steps.max < start_step:
+            continue
+        for row in pf.read_row_group(g).to_pylist():
+            if row["step"] < start_step:
+                continue
+            if row["step"] != current:
+                if current is not None:
+                    yield current, micros
+                current, micros = row["step"], [[] for _ in range(accumulation)]
+            micros[row["micro"]].append(_row_example(row))
+    if current is not None:
+        yield current, micros
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Greedy answers from the (sharded) student, for agreement during training
+def prompt_length(example: Example) -> int:
+    """Tokens before the answer (the student's view at inference: the template up to the generation prompt)."""
+    return int(np.argmax(example.targets != IGNORE)) + 1
+
+
+def greedy_decode(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int,
+                  eos_ids: set[int]) -> list[list[int]]:
+    """Greedy continuations of left-padded prompts with the KV cache, for exactly `max_new_tokens` steps (every
+    forward pass of an FSDP-sharded model is collective, so every rank takes the same number of steps); each
+    answer is cut at its first end-of-turn token."""
+    import torch
+
+    device = next(p.device for p in model.parameters())
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    out = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    past = None
+    step_ids = ids
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1]:]
+            result = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                           use_cache=True)
+            past = result.past_key_values
+            nxt = result.logits[:, -1].argmax(-1)
+            for i, t in enumerate(nxt.tolist()):
+                if not done[i]:
+                    if t in eos_ids:
+                        done[i] = True
+                    else:
+                        out[i].append(t)
+            step_ids = nxt[:, None]
+            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+    return out
+
+
+def greedy_agreement(model, tokenizer, task, examples: list[Example], answers: list[str], rank: int, world: int,
+                     batch_size: int) -> tuple[float, float]:
+    """(agreements, judged comparisons) on this rank's share of `examples`: the student's greedy answer to each
+    prompt against the teacher's answer in the data (distill.agreement, the report's definition). Every rank runs
+    the same number of batches and decoding steps (FSDP forward passes are collective); padding rows count zero."""
+    from distill.agreement import compare
+
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, (list, tuple)) else [configured]
+    eos = {t for t in [tokenizer.eos_token_id, *configured] if t is not None}
+    answer_tokens = max(len(e.input_ids) - prompt_length(e) for e in examples)
+    agree = judged = 0.0
+    for batch in shard_evenly(len(examples), batch_size, world)[rank]:
+        indices = batch or [0]  # an idle rank still takes part in every forward pass
+        prompts = [examples[j].input_ids[:prompt_length(examples[j])].tolist() for j in indices]
+        outputs = greedy_decode(model, prompts, answer_tokens + 2, tokenizer.pad_token_id or 0, eos)
+        if not batch:
+            continue
+        for j, ids in zip(indices, outputs):
+            c = compare(task, answers[j], tokenizer.decode(ids, skip_special_tokens=True))
+            if c.agree is not None:
+                judged += 1
+                agree += bool(c.agree)
+    return agree, judged

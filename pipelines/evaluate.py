@@ -39,7 +39,8 @@ from distill.config import ConfigError, StrictModel
 from distill.engine import EngineConfig, adapter_rank, engine_facts, processor_config, vllm_max_lora_rank
 from distill.storage import exists, join, list_files, local_dir, read_columns, read_json, resolve
 from distill.tasks import TaskSpec, load_task
-from pipelines.train import merge_adapter, read_metrics
+from distill.checkpoints import read_metrics
+from distill.modeling import merge_adapter
 
 log = logging.getLogger("distill.evaluate")
 

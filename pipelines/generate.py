@@ -222,11 +222,22 @@ def _topk(logprobs, tokens, k: int) -> Optional[dict]:
 
 
 def answer_start(texts: list[str]) -> int:
-    """Index of the first answer token: after the last token that closes a think block."""
+    """Index of the first answer token, given each generated token's text: after the token that completes the
+    last `</think>` (however the tokenizer splits the tag) and the whitespace-only tokens after it (a thinking
+    teacher writes "</think>\n\nFinal Answer: ..."; the answer the student learns is stripped)."""
+    joined = "".join(texts)
+    end = joined.rfind("</think>")
     start = 0
-    for i, t in enumerate(texts):
-        if "</think>" in t or t.strip() == "think>":
-            start = i + 1
+    if end >= 0:
+        end += len("</think>")
+        offset = 0
+        for i, t in enumerate(texts):
+            offset += len(t)
+            if offset >= end:
+                start = i + 1
+                break
+    while start < len(texts) and not texts[start].strip():
+        start += 1
     return start
 
 
@@ -416,7 +427,7 @@ def main(config: GenerateConfig) -> dict[str, Any]:
     manifest = {
         **account(config, prepared),
         "complete": True,
-        "task": task.name, "teacher": config.teacher,
+        "task": task.name, "task_spec": task.model_dump(), "teacher": config.teacher,
         "input": config.input, "output": out,
         "prompt_tokens_per_query": prepared["prompt_tokens"],
         "sampling": {k: v for k, v in sampling.items() if k != "structured_outputs"},

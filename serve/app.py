@@ -6,7 +6,11 @@
 
 Models: `teacher`, `student` (the adapter named like the task), every adapter by its own name, and the routed
 model (`routed` by default) that A/B-splits between the arms (`serve/router.py`). Also GET /v1/models, /stats
-(JSON), /metrics (Prometheus), /healthz and POST /admin/share.
+(JSON), /metrics (Prometheus), /healthz and POST /admin/share. The rollout state is saved outside the gateway
+(`serve/state.py`) and resumed by a restarted gateway replica.
+
+`build_app` is the application builder of `serve run serve.app:build_app` and of a KubeRay RayService
+(`import_path` + `args`); `start` is the one `distill serve` uses.
 
 Why plain deployments and not `ray.serve.llm`: its OpenAI app cannot add a task prompt server-side or strip the
 teacher's reasoning, its dynamic LoRA loading only reads adapters from cloud URIs (the adapters here are local
@@ -30,15 +34,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
+from ray.serve import Application
 
-from distill.config import ConfigError
+from distill.config import ConfigError, build_config
 from distill.engine import adapter_rank, engine_env
 from distill.tasks import load_task
 from serve.arms import STUDENT_ROLE, TEACHER_ROLE, LLMArm
 from serve.config import STUDENT_MODEL, TEACHER_MODEL, ArmConfig, ServeConfig
 from serve.protocol import (ChatRequest, chat_completion, chunk, completion_id, error_body, usage,
                             validation_message)
-from serve.router import STUDENT, TEACHER, Rollout
+from serve.router import STUDENT, TEACHER, Rollout, Route, check_rules
+from serve.state import delete_state_actor, open_state_store
 
 log = logging.getLogger("distill.serve")
 
@@ -86,7 +92,7 @@ def sse(data: Any) -> str:
 @serve.deployment(name="gateway")
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, config: dict, teacher, student):
+    async def __init__(self, config: dict, teacher, student):
         self.config = ServeConfig.model_validate(config)
         self.task = load_task(self.config.task)
         self.rollout = Rollout(self.config.rollout, self.task)
@@ -94,7 +100,26 @@ class Gateway:
         adapters = self.config.student.adapters
         self.student_adapter = self.task.name if self.task.name in adapters else None
         self.created = int(time.time())
+        self.replica = serve.get_replica_context().replica_id.unique_id
         self.background: set[asyncio.Task] = set()
+        # What the rollout is of: persisted state of another student (a new adapter, say) is not resumed.
+        self.identity = {"task": self.task.name, "teacher": self.config.teacher.model,
+                         "student": self.config.student.model, "adapter": adapters.get(self.task.name)}
+        self.store = open_state_store(self.config.rollout.state_uri, self.config.app_name)
+        self.persisted = {"store": self.store.describe(), "resumed": False, "saved_revision": None,
+                          "saved_at": None, "failures": 0, "last_failure": None}
+        self.persist_lock = asyncio.Lock()
+        saved = await self.store.load()
+        if saved and saved.get("identity") == self.identity:
+            self.rollout.load_state(saved["rollout"])
+            self.persisted["resumed"] = True
+            log.info("resumed the rollout from %s: share %.3f, stage %d, %d rollbacks", self.store.describe(),
+                     self.rollout.share, self.rollout.stage, self.rollout.rollbacks)
+        elif saved:
+            log.warning("the rollout state in %s is of %s, not of %s: starting a new rollout at share %.3f",
+                        self.store.describe(), saved.get("identity"), self.identity, self.rollout.share)
+        await self._persist()
+        self._in_background(self._persist_periodically())
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -125,17 +150,17 @@ class Gateway:
     def model_names(self) -> list[str]:
         return [TEACHER_MODEL, STUDENT_MODEL, self.config.routed_model] + sorted(self.config.student.adapters)
 
-    def _resolve(self, model: str, user: Optional[str]) -> tuple[str, Optional[str], bool]:
-        """(arm, adapter, routed) for a requested model name."""
+    def _resolve(self, model: str, user: Optional[str]) -> tuple[Route, Optional[str]]:
+        """(route, adapter) for a requested model name."""
         if model == TEACHER_MODEL:
-            return TEACHER, None, False
+            return Route(TEACHER), None
         if model == STUDENT_MODEL:
-            return STUDENT, self.student_adapter, False
+            return Route(STUDENT), self.student_adapter
         if model in self.config.student.adapters:
-            return STUDENT, model, False
+            return Route(STUDENT), model
         if model == self.config.routed_model:
-            arm = self.rollout.choose_arm(user)
-            return arm, (self.student_adapter if arm == STUDENT else None), True
+            route = self.rollout.route(user)
+            return route, (self.student_adapter if route.arm == STUDENT else None)
         raise ApiError(404, f"model {model!r} does not exist; served models: {', '.join(self.model_names())}",
                        "model")
 
@@ -146,20 +171,64 @@ class Gateway:
         except asyncio.TimeoutError:
             response.cancel()
             raise ApiError(504, f"the {arm} did not answer within {self.config.request_timeout_s}s") from None
+        except asyncio.CancelledError:
+            # The client went away: the engine must not keep generating an answer nobody reads.
+            response.cancel()
+            raise
         except ApiError:
             raise
         except Exception as err:
             log.exception("%s call failed", arm)
             raise ApiError(503, f"the {arm} engine failed: {type(err).__name__}: {err}") from None
 
-    def _maybe_shadow(self, messages: list[dict], student_text: str) -> None:
-        if not self.rollout.should_shadow():
-            return
-        task = asyncio.get_running_loop().create_task(self._shadow(messages, student_text))
+    # -- rollout state ----------------------------------------------------------------------------------------
+    def _in_background(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def _shadow(self, messages: list[dict], student_text: str) -> None:
+    async def _persist(self) -> None:
+        """Save the rollout state now. Saves are serialised and each takes the state when it starts, so the
+        store never goes back to an older state."""
+        async with self.persist_lock:
+            revision = self.rollout.revision
+            saved_at = time.time()
+            await self.store.save({"identity": self.identity, "saved_at": saved_at,
+                                   "rollout": self.rollout.to_state()})
+            self.persisted.update(saved_revision=revision, saved_at=saved_at)
+
+    async def _try_persist(self) -> None:
+        try:
+            await self._persist()
+        except Exception as err:
+            # Counted and shown in /stats; the periodic save retries, since the revision is still unsaved.
+            self.persisted["failures"] += 1
+            self.persisted["last_failure"] = f"{type(err).__name__}: {err}"
+            log.exception("could not save the rollout state to %s", self.store.describe())
+
+    async def _persist_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.rollout.persist_interval_s)
+            if self.rollout.revision != self.persisted["saved_revision"]:
+                await self._try_persist()
+
+    async def _rolled_back(self, event: Optional[dict]) -> None:
+        """A rollback is saved at once: a gateway restart right after it must not bring the student back."""
+        if event is not None:
+            await self._try_persist()
+
+    async def _record_error(self, route: Route, status: int) -> None:
+        await self._rolled_back(self.rollout.record_error(route, status))
+
+    async def _record_answer(self, route: Route, started: float, result: dict, text: str,
+                             messages: list[dict]) -> None:
+        await self._rolled_back(self.rollout.record_request(
+            route, time.perf_counter() - started, result["prompt_tokens"], result["completion_tokens"], text))
+        # Shadow only answers of the current stage: a result of an earlier one would be thrown away as stale.
+        if route.arm == STUDENT and route.stage == self.rollout.stage and self.rollout.should_shadow():
+            self._in_background(self._shadow(route.stage, messages, text))
+
+    async def _shadow(self, stage: int, messages: list[dict], student_text: str) -> None:
         teacher_text = None
         try:
             # The teacher's own defaults (temperature, max_tokens, guided decoding): the comparison is with the
@@ -170,7 +239,7 @@ class Gateway:
         except ApiError as err:
             log.warning("shadow request to the teacher failed: %s", err.message)
         finally:
-            self.rollout.record_shadow(teacher_text, student_text)
+            await self._rolled_back(self.rollout.record_shadow(stage, teacher_text, student_text))
 
     # -- OpenAI API -------------------------------------------------------------------------------------------
     @api.get("/v1/models")
@@ -191,51 +260,52 @@ class Gateway:
         except ValidationError as err:
             raise ApiError(400, validation_message(err)) from None
         user = chat.user or request.headers.get(self.config.rollout.user_header)
-        arm, adapter, routed = self._resolve(chat.model, user)
+        route, adapter = self._resolve(chat.model, user)
         messages = chat.plain_messages()
         req = {"messages": messages, "adapter": adapter, "max_tokens": chat.requested_max_tokens(),
                "temperature": chat.temperature, "top_p": chat.top_p, "stop": chat.stops(),
                "request_id": uuid.uuid4().hex}
         started = time.perf_counter()
         if chat.stream:
-            return await self._stream(chat, arm, routed, req, started)
+            return await self._stream(chat, route, req, started)
         try:
-            result = await self._call(arm, req)
+            result = await self._call(route.arm, req)
             if "error" in result:
                 raise ApiError(result["error"]["status"], result["error"]["message"])
         except ApiError as err:
-            self.rollout.record_error(arm, err.status)
+            await self._record_error(route, err.status)
             raise
-        self.rollout.record_request(arm, time.perf_counter() - started, result["prompt_tokens"],
-                                    result["completion_tokens"], routed)
-        if routed and arm == STUDENT:
-            self._maybe_shadow(messages, result["text"])
-        return JSONResponse(chat_completion(completion_id(), chat.model, result) | {"arm": arm},
-                            headers={ARM_HEADER: arm})
+        await self._record_answer(route, started, result, result["text"], messages)
+        return JSONResponse(chat_completion(completion_id(), chat.model, result) | {"arm": route.arm},
+                            headers={ARM_HEADER: route.arm})
 
-    async def _stream(self, chat: ChatRequest, arm: str, routed: bool, req: dict, started: float):
+    async def _stream(self, chat: ChatRequest, route: Route, req: dict, started: float):
+        arm = route.arm
         generator = self.handles[arm].options(stream=True).stream.remote(req)
         try:
             first = await asyncio.wait_for(generator.__anext__(), self.config.request_timeout_s)
         except asyncio.TimeoutError:
             generator.cancel()
-            self.rollout.record_error(arm, 504)
+            await self._record_error(route, 504)
             raise ApiError(504, f"the {arm} did not answer within {self.config.request_timeout_s}s") from None
+        except asyncio.CancelledError:
+            generator.cancel()
+            raise
         except Exception as err:
             log.exception("%s stream failed to start", arm)
-            self.rollout.record_error(arm, 503)
+            await self._record_error(route, 503)
             raise ApiError(503, f"the {arm} engine failed: {type(err).__name__}: {err}") from None
         if "error" in first:
-            self.rollout.record_error(arm, first["error"]["status"])
+            await self._record_error(route, first["error"]["status"])
             raise ApiError(first["error"]["status"], first["error"]["message"])
         cid, created, model = completion_id(), int(time.time()), chat.model
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
 
         async def events():
             text: list[str] = []
-            yield sse(chunk(cid, model, created, {"role": "assistant", "content": ""}))
+            final = None
             try:
-                final = None
+                yield sse(chunk(cid, model, created, {"role": "assistant", "content": ""}))
                 async for item in generator:
                     if item.get("done"):
                         final = item
@@ -252,18 +322,20 @@ class Gateway:
             except Exception as err:
                 # The 200 status is already sent: report the failure in-band, as OpenAI does, and count it.
                 log.exception("%s stream failed", arm)
-                self.rollout.record_error(arm, 503)
+                await self._record_error(route, 503)
                 yield sse(error_body(f"the {arm} engine failed mid-stream: {type(err).__name__}: {err}", 503))
                 yield "data: [DONE]\n\n"
                 return
+            finally:
+                if final is None:
+                    # The client disconnected (the generator is closed or cancelled) or the stream failed: stop
+                    # the engine's request rather than let it generate an answer nobody reads.
+                    generator.cancel()
             yield sse(chunk(cid, model, created, {}, final["finish_reason"]))
             if include_usage:
                 yield sse(chunk(cid, model, created, {}, usage_block=usage(final)))
             yield "data: [DONE]\n\n"
-            self.rollout.record_request(arm, time.perf_counter() - started, final["prompt_tokens"],
-                                        final["completion_tokens"], routed)
-            if routed and arm == STUDENT:
-                self._maybe_shadow(req["messages"], "".join(text))
+            await self._record_answer(route, started, final, "".join(text), req["messages"])
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={ARM_HEADER: arm})
 
@@ -272,12 +344,17 @@ class Gateway:
     async def stats(self, request: Request) -> dict:
         self._authorize(request)
         return {"task": self.task.name, "models": self.model_names(), "routed_model": self.config.routed_model,
-                **self.rollout.snapshot()}
+                "gateway_replica": self.replica, **self.rollout.snapshot(),
+                "state": {**self.persisted, "revision": self.rollout.revision}}
 
     @api.get("/metrics")
     async def metrics(self, request: Request) -> PlainTextResponse:
         self._authorize(request)
-        return PlainTextResponse(self.rollout.prometheus(), media_type="text/plain; version=0.0.4")
+        text = self.rollout.prometheus() + (
+            "# HELP distill_state_save_failures_total Failed saves of the rollout state.\n"
+            "# TYPE distill_state_save_failures_total counter\n"
+            f"distill_state_save_failures_total {self.persisted['failures']}\n")
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @api.post("/admin/share")
     async def change_share(self, request: Request) -> dict:
@@ -288,7 +365,15 @@ class Gateway:
         except ValidationError as err:
             raise ApiError(400, validation_message(err)) from None
         event = self.rollout.set_share(change.student_share, change.reason, change.shadow_sample_rate)
-        return {"event": event, "student_share": self.rollout.share, "shadow_sample_rate": self.rollout.shadow_rate}
+        try:
+            await self._persist()
+        except Exception as err:
+            raise ApiError(503, f"the share is now {change.student_share} on this gateway, but the rollout state "
+                           f"could not be saved to {self.store.describe()} ({type(err).__name__}: {err}); a "
+                           f"restarted gateway would not keep it. The save is retried every "
+                           f"{self.config.rollout.persist_interval_s}s") from None
+        return {"event": event, "student_share": self.rollout.share, "shadow_sample_rate": self.rollout.shadow_rate,
+                "stage": self.rollout.stage}
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -315,6 +400,7 @@ def resolve_config(config: ServeConfig) -> ServeConfig:
     if not adapters:
         log.info("no student adapter: the model 'student' is %s as it is (a merged student, or the bare base)",
                  config.student.model)
+    check_rules(config.rollout, task)
     for arm in (config.teacher, config.student):
         if arm.guided_choices and task.answer.type == "labels":
             bad = [c for c in arm.guided_choices if task.label_of(c) is None]
@@ -356,7 +442,17 @@ def _arm(role: str, arm: ArmConfig, task: str, device: str):
     return serve.deployment(LLMArm).options(**options).bind(role, arm.model_dump(), task, device)
 
 
-def build_app(config: ServeConfig):
+def build_app(args: dict[str, Any]) -> Application:
+    """The application builder that `serve run serve.app:build_app` and a RayService's serveConfigV2 call with
+    their `args`: the fields of ServeConfig.
+
+    It takes the plain mapping and validates it itself. Serve converts `args` to a pydantic model only when the
+    builder's parameter annotation is that class, and under `from __future__ import annotations` (this module)
+    it sees a string and hands over the dict as it is; validating here also names every bad field at once."""
+    return application(resolve_config(build_config(ServeConfig, args, "serve application args")))
+
+
+def application(config: ServeConfig) -> Application:
     """The Serve application for `config` (already passed through `resolve_config`)."""
     from distill.engine import resolve_device
 
@@ -375,11 +471,13 @@ def start(config: ServeConfig) -> str:
     config = resolve_config(config)
     init_ray()
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build_app(config), name=config.app_name, route_prefix="/")
+    serve.run(application(config), name=config.app_name, route_prefix="/")
     return f"http://{config.host}:{config.port}"
 
 
 def stop(config: ServeConfig) -> None:
-    """Delete this application and stop Serve on this (private) cluster."""
+    """Delete this application and stop Serve on this (private) cluster. The rollout ends with the application:
+    its state actor goes too (a `rollout.state_uri` file stays, for the next `distill serve` of the same student)."""
     serve.delete(config.app_name)
+    delete_state_actor(config.app_name)
     serve.shutdown()

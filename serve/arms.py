@@ -5,15 +5,21 @@ student arm serves one base model with several LoRA adapters (one per task) and 
 Requests arrive as plain dicts from the gateway (`serve/app.py`), already validated for shape; this class checks
 what only the engine can know (token counts against the context) and answers bad input with an error dict,
 never an exception, so a bad request cannot look like a failing replica.
+
+Adapters may be local folders or object-store URIs (s3://, gs://): vLLM reads only local files, so the replica
+that loads an adapter downloads it first (distill.storage.local_dir) and removes the download when it shuts down.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
 from typing import AsyncIterator, Optional
 
 from distill.engine import adapter_rank, vllm_max_lora_rank
+from distill.storage import local_dir
 from distill.tasks import THINK_OPEN, TaskSpec, load_task, split_reasoning
 from serve.config import StudentArmConfig, TeacherArmConfig
 from serve.protocol import ThinkSplitter
@@ -56,14 +62,23 @@ class LLMArm:
         self.max_model_len = self.config.engine.max_model_len
 
         extra = {"model": self.config.model, "disable_log_stats": True}
-        adapters = getattr(self.config, "adapters", {}) or {}
-        if adapters:
-            extra.update(enable_lora=True, max_loras=len(adapters),
-                         max_lora_rank=vllm_max_lora_rank([adapter_rank(p) for p in adapters.values()]))
-        if device == "gpu" and self.config.engine.tensor_parallel_size > 1:
-            extra["distributed_executor_backend"] = "ray"
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(self.config.engine, device, **extra)))
+        # vLLM loads an adapter when a request first asks for it, so the downloads live as long as the replica.
+        self.downloads = contextlib.ExitStack()
+        try:
+            adapters = {name: self.downloads.enter_context(local_dir(path))
+                        for name, path in (getattr(self.config, "adapters", {}) or {}).items()}
+            if adapters:
+                extra.update(enable_lora=True, max_loras=len(adapters),
+                             max_lora_rank=vllm_max_lora_rank([adapter_rank(p) for p in adapters.values()]))
+            if device == "gpu" and self.config.engine.tensor_parallel_size > 1:
+                extra["distributed_executor_backend"] = "ray"
+            self.engine = AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**engine_kwargs(self.config.engine, device, **extra)))
+        except BaseException:
+            self.downloads.close()
+            raise
         self.loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters.items())}
+        self.cancelled_streams = 0  # streams whose reader went away (a client disconnect): vLLM aborted them
 
         guided = self.config.guided if self.config.guided is not None else self.task.teacher.constrained
         self.choices: Optional[list[str]] = None
@@ -87,9 +102,26 @@ class LLMArm:
         """Serve calls this periodically; a dead engine fails it and Serve replaces the replica."""
         await self.engine.check_health()
 
+    def __del__(self):
+        # Serve calls this when it shuts the replica down: remove the adapters downloaded for it.
+        downloads = getattr(self, "downloads", None)
+        if downloads is not None:
+            downloads.close()
+
     async def info(self) -> dict:
         return {"role": self.role, "model": self.config.model, "adapters": sorted(self.loras),
-                "max_model_len": self.max_model_len, "guided_choices": self.choices}
+                "max_model_len": self.max_model_len, "guided_choices": self.choices,
+                # Requests the engine still holds (running or queued): 0 once every answer is done or aborted.
+                "unfinished_requests": self.engine.get_num_unfinished_requests(),
+                "cancelled_streams": self.cancelled_streams}
+
+    def guided_choices_for(self, adapter: Optional[str]) -> Optional[list[str]]:
+        """The choices are the task's labels: they bind the teacher and the task's own student (its adapter, or
+        the base or merged model without one). Another task's adapter on the same engine answers its own task's
+        way, unguided."""
+        if self.role == STUDENT_ROLE and adapter not in (None, self.task.name):
+            return None
+        return self.choices
 
     # -- requests ---------------------------------------------------------------------------------------------
     def _prepare(self, req: dict, stream: bool) -> dict:
@@ -111,7 +143,9 @@ class LLMArm:
         prompt_text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
                                                          **template_kwargs)
         prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        max_tokens = max(req.get("max_tokens") or self.default_max_tokens, self.min_tokens_for_choice)
+        choices = self.guided_choices_for(lora.lora_name if lora else None)
+        max_tokens = max(req.get("max_tokens") or self.default_max_tokens,
+                         self.min_tokens_for_choice if choices else 0)
         if len(prompt_ids) + max_tokens > self.max_model_len:
             added = " (the task prompt included)" if self.role == TEACHER_ROLE else ""
             return {"error": {"status": 400, "message": (
@@ -123,7 +157,7 @@ class LLMArm:
             top_p=req.get("top_p") or (self.task.teacher.top_p if self.role == TEACHER_ROLE else 1.0),
             max_tokens=max_tokens,
             stop=req.get("stop"),
-            structured_outputs=StructuredOutputsParams(choice=self.choices) if self.choices else None,
+            structured_outputs=StructuredOutputsParams(choice=choices) if choices else None,
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
         )
         return {
@@ -162,15 +196,21 @@ class LLMArm:
         yield {"accepted": True, "prompt_tokens": prep["prompt_tokens"]}
         splitter = ThinkSplitter(opened=prep["think_opened"]) if self.role == TEACHER_ROLE else None
         completion_tokens, finish_reason = 0, None
-        async for out in self.engine.generate(prep["prompt"], prep["params"], prep["request_id"],
-                                              lora_request=prep["lora"]):
-            output = out.outputs[0]
-            completion_tokens += len(output.token_ids)
-            reasoning, content = splitter.feed(output.text) if splitter else ("", output.text)
-            if reasoning or content:
-                yield {"reasoning": reasoning, "content": content}
-            if out.finished:
-                finish_reason = output.finish_reason
+        try:
+            async for out in self.engine.generate(prep["prompt"], prep["params"], prep["request_id"],
+                                                  lora_request=prep["lora"]):
+                output = out.outputs[0]
+                completion_tokens += len(output.token_ids)
+                reasoning, content = splitter.feed(output.text) if splitter else ("", output.text)
+                if reasoning or content:
+                    yield {"reasoning": reasoning, "content": content}
+                if out.finished:
+                    finish_reason = output.finish_reason
+        except (asyncio.CancelledError, GeneratorExit):
+            # Serve cancels the call when the gateway stops reading; vLLM's generate aborts the request on the
+            # way out, freeing its batch slot and KV cache.
+            self.cancelled_streams += 1
+            raise
         if splitter:
             reasoning, content = splitter.flush()
             if reasoning or content:

@@ -1,15 +1,25 @@
-"""A/B rollout of the student against the teacher: arm choice, shadow agreement, automatic rollback and stats.
+"""A/B rollout of the student against the teacher: arm choice, shadow comparison, automatic rollback and stats.
 
 Plain Python with no Ray or vLLM in it, so every rule here is unit-tested on its own; the Serve gateway
-(`serve/app.py`) owns one `Rollout` and calls it for every request.
+(`serve/app.py`) owns one `Rollout`, calls it for every request and persists its state (`serve/state.py`).
 
 - Arm choice: with a user id, a hash of it decides the arm, so a user keeps the same arm at a given share and a
   user who got the student at 1 % keeps it at 10, 50 and 100 % (the hash threshold only grows). Without one,
   each request draws independently.
-- Shadow: a sample of the student-served routed requests is also sent to the teacher in the background; the
-  two answers are compared (label of each for label tasks, normalised exact match for free text).
-- Rollback: when agreement over the last `agreement_window` comparisons, or the student's p95 latency over its
-  last `latency_window` requests, breaks its limit, the share goes to 0 and the event is logged and kept.
+- Stages: every share change and every rollback starts a new stage, and the rollback windows start empty. A
+  request carries the stage it was routed in (`Route`); an answer, error or shadow result that arrives after its
+  stage ended is counted as stale and kept out of the new stage's windows.
+- Windows: only requests to the routed model that the student served feed them (they all use the adapter of the
+  task being rolled out); direct requests to `student` or to another task's adapter do not.
+- Shadow: a sample of those requests is also sent to the teacher in the background and the two answers are
+  compared with `distill.agreement.compare`, the definition the evaluation report uses.
+- Rollback: when one rule breaks its limit over its window, the share goes to 0 and the event is logged, kept,
+  counted per rule and exposed in /stats and /metrics:
+    error_rate   5xx answers and timeouts of the student, and for label tasks answers that name no label
+    agreement    label tasks: the fraction of shadow comparisons whose labels agree
+    similarity   free-text tasks: mean ROUGE-L F1 of the student's answer to the teacher's (off by default:
+                 two good paraphrases share few words, so a fixed limit is a per-task decision)
+    latency_p95  the student's p95 latency at the gateway
 """
 
 from __future__ import annotations
@@ -18,15 +28,15 @@ import hashlib
 import logging
 import math
 import random
-import re
 import time
-import unicodedata
 from collections import Counter, deque
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from pydantic import Field
 
-from distill.config import StrictModel
+from distill.agreement import Comparison, agreement_rate, compare, mean_similarity
+from distill.config import ConfigError, StrictModel
 from distill.metrics import percentile
 from distill.tasks import TaskSpec
 
@@ -34,12 +44,16 @@ log = logging.getLogger("distill.serve.rollout")
 
 TEACHER, STUDENT = "teacher", "student"
 ARMS = (TEACHER, STUDENT)
+RULES = ("error_rate", "agreement", "similarity", "latency_p95")
+SHADOW_OUTCOMES = ("agree", "disagree", "unjudged", "skipped", "failed")
+STALE_KINDS = ("answer", "error", "shadow")
 
 
 class RolloutConfig(StrictModel):
     student_share: float = Field(
         0.01, ge=0.0, le=1.0, description="Fraction of the routed model's traffic the student serves at start "
-        "(staged rollout: 0.01 -> 0.1 -> 0.5 -> 1.0; change it at runtime with POST /admin/share).")
+        "(staged rollout: 0.01 -> 0.1 -> 0.5 -> 1.0; change it at runtime with POST /admin/share). A gateway "
+        "that finds persisted state for the same task, teacher, student and adapter resumes from that instead.")
     sticky: bool = Field(True, description="Requests that carry a user id always get the same arm for a share.")
     user_header: str = Field("x-user-id", description="Header read for the user id when the body has no `user`.")
     shadow_sample_rate: float = Field(
@@ -48,19 +62,56 @@ class RolloutConfig(StrictModel):
     max_shadow_in_flight: int = Field(
         8, ge=1, description="Shadow requests waiting on the teacher at once; more are skipped (and counted) so "
         "that shadowing never queues up behind production traffic.")
-    agreement_window: int = Field(200, ge=1, description="Shadow comparisons that live agreement is computed over.")
+    error_window: int = Field(200, ge=1, description="Routed student requests the error rate is computed over.")
+    min_error_samples: int = Field(
+        20, ge=1, description="Routed student requests needed in the window before errors can trigger a rollback.")
+    max_error_rate: Optional[float] = Field(
+        0.05, ge=0.0, le=1.0, description="Roll back when the fraction of failed routed student requests over the "
+        "window exceeds this. Failed: a 5xx from the student (engine failure, replica lost, timeout) or, for "
+        "label tasks, an answer that names no label. 4xx (the client's fault) and client disconnects do not "
+        "count either way. null turns the rule off.")
+    agreement_window: int = Field(
+        200, ge=1, description="Judged shadow comparisons that live agreement and similarity are computed over.")
     min_agreement_samples: int = Field(
-        50, ge=1, description="Comparisons needed in the window before agreement can trigger a rollback.")
-    min_agreement: float = Field(
-        0.9, ge=0.0, le=1.0, description="Roll back when live agreement over the window falls below this.")
-    latency_window: int = Field(200, ge=1, description="Student requests its rollback p95 latency is computed over.")
+        50, ge=1, description="Comparisons needed in the window before agreement or similarity can trigger a "
+        "rollback.")
+    min_agreement: Optional[float] = Field(
+        0.9, ge=0.0, le=1.0, description="Label tasks: roll back when the fraction of shadow comparisons whose "
+        "labels agree falls below this; null turns the rule off. Free-text tasks refuse it: exact agreement of "
+        "free text is rare between two good answers (use min_similarity).")
+    min_similarity: Optional[float] = Field(
+        None, ge=0.0, le=1.0, description="Free-text tasks: roll back when the mean ROUGE-L F1 of the student's "
+        "answers to the teacher's (distill.agreement, as in the evaluation report) over the window falls below "
+        "this. Default null: no agreement rule for free text, since paraphrases of one answer share few words and "
+        "a fair limit depends on the task; set it from the report's similarity of a student you accept. Label "
+        "tasks refuse it (use min_agreement).")
+    latency_window: int = Field(
+        200, ge=1, description="Routed student requests its rollback p95 latency is computed over.")
     min_latency_samples: int = Field(
-        20, ge=1, description="Student requests needed in the window before latency can trigger a rollback.")
+        20, ge=1, description="Routed student requests needed in the window before latency can trigger a rollback.")
     max_student_p95_s: Optional[float] = Field(
         10.0, gt=0, description="Roll back when the student's p95 latency (seconds, end to end at the gateway) "
         "exceeds this; null turns the latency rule off.")
     stats_window: int = Field(2048, ge=16, description="Latencies per arm kept for the p50/p95 in /stats.")
     max_events: int = Field(100, ge=1, description="Rollout events (share changes, rollbacks) kept for /stats.")
+    state_uri: Optional[str] = Field(
+        None, description="Where the rollout state (share, stage, windows, events) is persisted so that a "
+        "restarted gateway resumes it. null: a detached Ray actor on the head node, named after the application; "
+        "it survives gateway restarts and in-place Serve upgrades, not a new cluster. A path or s3:// / gs:// URI "
+        "of a JSON file survives those too (a RayService upgrade that replaces the cluster).")
+    persist_interval_s: float = Field(
+        2.0, gt=0, description="Seconds between saves of window updates; share changes and rollbacks are saved "
+        "at once.")
+
+
+def check_rules(config: RolloutConfig, task: TaskSpec) -> None:
+    """Refuse agreement limits that do not fit the task's answers (a ConfigError, before any engine starts)."""
+    if task.answer.type == "labels" and config.min_similarity is not None:
+        raise ConfigError(f"rollout.min_similarity applies to free-text tasks; {task.name!r} has labels: use "
+                          f"rollout.min_agreement")
+    if task.answer.type != "labels" and "min_agreement" in config.model_fields_set:
+        raise ConfigError(f"rollout.min_agreement applies to label tasks; {task.name!r} answers in free text, "
+                          f"where exact agreement is rare between two good answers: use rollout.min_similarity")
 
 
 def user_fraction(user: str) -> float:
@@ -75,32 +126,49 @@ def quantile(values: Iterable[float], q: float) -> Optional[float]:
     return percentile(list(values), 100 * q)
 
 
-_PUNCT_EDGES = re.compile(r"^[\W_]+|[\W_]+$", re.UNICODE)
+def _mean(values) -> Optional[float]:
+    return sum(values) / len(values) if values else None
 
 
-def normalise(text: str) -> str:
-    """Free-text comparison key: Unicode NFKC, case-folded, whitespace collapsed, edge punctuation dropped."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = " ".join(text.split())
-    return _PUNCT_EDGES.sub("", text)
+@dataclass(frozen=True)
+class Route:
+    """The arm that serves a request and, for the routed model, the stage it was routed in (None: a direct
+    request to a model by name, which never feeds the rollback windows)."""
+    arm: str
+    stage: Optional[int] = None
 
 
-def agreement(task: TaskSpec, teacher_visible: str, student_visible: str) -> Optional[bool]:
-    """Do the two visible answers agree? None when the teacher's answer cannot be judged (no parseable label):
-    such a sample says nothing about the student and must not move the agreement either way."""
-    if task.answer.type == "labels":
-        teacher_label = task.label_of(task.parse(teacher_visible).answer)
-        if teacher_label is None:
-            return None
-        return task.label_of(task.parse(student_visible).answer) == teacher_label
-    teacher_key = normalise(teacher_visible)
-    if not teacher_key:
-        return None
-    return normalise(student_visible) == teacher_key
+@dataclass(frozen=True)
+class RuleReading:
+    """One rollback rule over its window right now."""
+    rule: str
+    value: Optional[float]
+    limit: Optional[float]  # None: the rule is off
+    samples: int
+    min_samples: int
+    fires_above: bool       # True: values above the limit fire (errors, latency); False: below (agreement)
+
+    @property
+    def fires(self) -> bool:
+        if self.limit is None or self.value is None or self.samples < self.min_samples:
+            return False
+        return self.value > self.limit if self.fires_above else self.value < self.limit
+
+    def reason(self) -> str:
+        what = {"error_rate": ("error rate", "routed student requests"),
+                "agreement": ("live agreement", "shadow comparisons"),
+                "similarity": ("live similarity (ROUGE-L F1)", "shadow comparisons"),
+                "latency_p95": ("student p95 latency", "routed student requests")}[self.rule]
+        unit = "s" if self.rule == "latency_p95" else ""
+        verb = "exceeds" if self.fires_above else "is below"
+        return f"{what[0]} {self.value:.3f}{unit} over the last {self.samples} {what[1]} {verb} {self.limit}{unit}"
+
+    def as_dict(self) -> dict:
+        return {"value": self.value, "limit": self.limit, "samples": self.samples, "min_samples": self.min_samples}
 
 
 class ArmStats:
-    """Counters and a latency window for one arm."""
+    """Counters and a latency window for one arm (this gateway replica's, since it started)."""
 
     def __init__(self, window: int):
         self.requests = 0
@@ -130,7 +198,9 @@ class ArmStats:
 
 
 class Rollout:
-    """The live state of one teacher/student rollout. Single-threaded use (one asyncio loop) is assumed."""
+    """The live state of one teacher/student rollout. Single-threaded use (one asyncio loop) is assumed.
+
+    `revision` grows with every change to the state `to_state` returns, so the gateway knows when to save it."""
 
     def __init__(self, config: RolloutConfig, task: TaskSpec, rng: Optional[random.Random] = None,
                  clock=time.time):
@@ -140,14 +210,20 @@ class Rollout:
         self.clock = clock
         self.share = config.student_share
         self.shadow_rate = config.shadow_sample_rate
+        self.stage = 0
         self.arms = {arm: ArmStats(config.stats_window) for arm in ARMS}
         self.routed = Counter()  # routed-model requests per arm (the A/B split actually served)
-        self.agreements: deque[bool] = deque(maxlen=config.agreement_window)
+        self.outcomes: deque[bool] = deque(maxlen=config.error_window)  # True: the request failed
+        self.comparisons: deque[Comparison] = deque(maxlen=config.agreement_window)  # judged ones only
         self.student_latencies: deque[float] = deque(maxlen=config.latency_window)
-        self.shadow = Counter()  # agree / disagree / unjudged / skipped / failed
+        self.shadow = Counter()  # SHADOW_OUTCOMES
         self.shadow_in_flight = 0
+        self.unparsable = 0  # routed student answers of a label task that name no label
+        self.stale = Counter()  # STALE_KINDS: results that arrived after the stage they were routed in
         self.rollbacks = 0
+        self.firings = Counter()  # rollbacks per rule
         self.events: deque[dict] = deque(maxlen=config.max_events)
+        self.revision = 0
 
     # -- routing ----------------------------------------------------------------------------------------------
     def choose_arm(self, user: Optional[str]) -> str:
@@ -158,9 +234,22 @@ class Rollout:
         draw = user_fraction(user) if (user and self.config.sticky) else self.rng.random()
         return STUDENT if draw < self.share else TEACHER
 
+    def route(self, user: Optional[str]) -> Route:
+        """The arm for a request to the routed model, stamped with the current stage."""
+        return Route(self.choose_arm(user), self.stage)
+
+    def _new_stage(self, event: dict) -> None:
+        """Evidence gathered at the old share (or before a rollback) must not judge the next stage."""
+        self.stage += 1
+        event["stage"] = self.stage
+        self.outcomes.clear()
+        self.comparisons.clear()
+        self.student_latencies.clear()
+        self.events.append(event)
+        self.revision += 1
+
     def set_share(self, share: float, reason: str, shadow_rate: Optional[float] = None) -> dict:
-        """Change the student's share (staged rollout or manual rollback). The agreement and latency windows
-        start over: evidence gathered at the old share (or before a rollback) must not judge the new stage."""
+        """Change the student's share (staged rollout or manual rollback); starts a new stage."""
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"student_share must be within [0, 1], got {share}")
         if shadow_rate is not None and not 0.0 <= shadow_rate <= 1.0:
@@ -170,27 +259,47 @@ class Rollout:
         if shadow_rate is not None:
             event["shadow_sample_rate"] = shadow_rate
             self.shadow_rate = shadow_rate
-        self.agreements.clear()
-        self.student_latencies.clear()
-        self.events.append(event)
-        log.info("student share %.3f -> %.3f (%s)", event["from"], share, reason)
+        self._new_stage(event)
+        log.info("student share %.3f -> %.3f (%s), stage %d", event["from"], share, reason, self.stage)
         return event
 
     # -- recording --------------------------------------------------------------------------------------------
-    def record_request(self, arm: str, latency_s: float, prompt_tokens: int, completion_tokens: int,
-                       routed: bool) -> Optional[dict]:
-        """One answered request. Returns the rollback event if this request's latency caused one."""
-        self.arms[arm].record(latency_s, prompt_tokens, completion_tokens)
-        if routed:
-            self.routed[arm] += 1
-        if arm == STUDENT:
-            self.student_latencies.append(latency_s)
-            return self.check_rollback()
-        return None
+    def _in_window(self, route: Route, kind: str) -> bool:
+        """Does this result feed the rollback windows? Only routed student traffic of the current stage does."""
+        if route.arm != STUDENT or route.stage is None:
+            return False
+        if route.stage != self.stage:
+            self.stale[kind] += 1
+            return False
+        return True
 
-    def record_error(self, arm: Optional[str], status: int) -> None:
-        if arm in self.arms:
-            self.arms[arm].errors[status] += 1
+    def names_no_label(self, answer: str) -> bool:
+        """A label task's answer that does not parse as one of its labels (a failure, like a 5xx)."""
+        return self.task.answer.type == "labels" and self.task.label_of(self.task.parse(answer).answer) is None
+
+    def record_request(self, route: Route, latency_s: float, prompt_tokens: int, completion_tokens: int,
+                       answer: str) -> Optional[dict]:
+        """One answered request (`answer`: its visible text). Returns the rollback event if it caused one."""
+        self.arms[route.arm].record(latency_s, prompt_tokens, completion_tokens)
+        if route.stage is not None:
+            self.routed[route.arm] += 1
+        if not self._in_window(route, "answer"):
+            return None
+        failed = self.names_no_label(answer)
+        self.unparsable += failed
+        self.outcomes.append(failed)
+        self.student_latencies.append(latency_s)
+        self.revision += 1
+        return self.check_rollback()
+
+    def record_error(self, route: Route, status: int) -> Optional[dict]:
+        """A request that failed with HTTP `status`. Only 5xx count against the student: a 4xx is the client's."""
+        self.arms[route.arm].errors[status] += 1
+        if status < 500 or not self._in_window(route, "error"):
+            return None
+        self.outcomes.append(True)
+        self.revision += 1
+        return self.check_rollback()
 
     def should_shadow(self) -> bool:
         """Decide whether a student-served routed request is also sent to the teacher; reserves a slot."""
@@ -202,73 +311,114 @@ class Rollout:
         self.shadow_in_flight += 1
         return True
 
-    def record_shadow(self, teacher_visible: Optional[str], student_visible: str) -> Optional[dict]:
-        """The teacher's shadow answer arrived (None: the shadow call failed). Returns a rollback event if any."""
+    def record_shadow(self, stage: int, teacher_visible: Optional[str], student_visible: str) -> Optional[dict]:
+        """The teacher's shadow answer to a request routed in `stage` arrived (None: the shadow call failed).
+        Returns a rollback event if any."""
         self.shadow_in_flight -= 1
         if teacher_visible is None:
             self.shadow["failed"] += 1
             return None
-        agree = agreement(self.task, teacher_visible, student_visible)
-        if agree is None:
+        if not self._in_window(Route(STUDENT, stage), "shadow"):
+            return None
+        comparison = compare(self.task, teacher_visible, student_visible)
+        if comparison.agree is None:
             self.shadow["unjudged"] += 1
             return None
-        self.shadow["agree" if agree else "disagree"] += 1
-        self.agreements.append(agree)
+        self.shadow["agree" if comparison.agree else "disagree"] += 1
+        self.comparisons.append(comparison)
+        self.revision += 1
         return self.check_rollback()
 
     # -- rollback ---------------------------------------------------------------------------------------------
-    def live_agreement(self) -> Optional[float]:
-        return sum(self.agreements) / len(self.agreements) if self.agreements else None
-
-    def student_p95(self) -> Optional[float]:
-        return quantile(self.student_latencies, 0.95)
+    def readings(self) -> dict[str, RuleReading]:
+        cfg = self.config
+        labels = self.task.answer.type == "labels"
+        judged = len(self.comparisons)
+        return {
+            "error_rate": RuleReading("error_rate", _mean(self.outcomes), cfg.max_error_rate, len(self.outcomes),
+                                      cfg.min_error_samples, fires_above=True),
+            "agreement": RuleReading("agreement", agreement_rate(self.comparisons)["rate"],
+                                     cfg.min_agreement if labels else None, judged, cfg.min_agreement_samples,
+                                     fires_above=False),
+            "similarity": RuleReading("similarity", mean_similarity(self.comparisons),
+                                      None if labels else cfg.min_similarity, judged, cfg.min_agreement_samples,
+                                      fires_above=False),
+            "latency_p95": RuleReading("latency_p95", quantile(self.student_latencies, 0.95), cfg.max_student_p95_s,
+                                       len(self.student_latencies), cfg.min_latency_samples, fires_above=True),
+        }
 
     def check_rollback(self) -> Optional[dict]:
         if self.share <= 0.0:
             return None
-        cfg = self.config
-        reason = None
-        if len(self.agreements) >= cfg.min_agreement_samples:
-            live = self.live_agreement()
-            if live < cfg.min_agreement:
-                reason = (f"live agreement {live:.3f} over the last {len(self.agreements)} shadow comparisons "
-                          f"is below {cfg.min_agreement}")
-        if reason is None and cfg.max_student_p95_s is not None \
-                and len(self.student_latencies) >= cfg.min_latency_samples:
-            p95 = self.student_p95()
-            if p95 > cfg.max_student_p95_s:
-                reason = (f"student p95 latency {p95:.3f}s over its last {len(self.student_latencies)} requests "
-                          f"exceeds {cfg.max_student_p95_s}s")
-        if reason is None:
+        readings = self.readings()
+        fired = next((r for r in readings.values() if r.fires), None)
+        if fired is None:
             return None
-        event = {"time": self.clock(), "kind": "rollback", "from": self.share, "to": 0.0, "reason": reason,
-                 "agreement": self.live_agreement(), "student_p95_s": self.student_p95()}
+        event = {"time": self.clock(), "kind": "rollback", "rule": fired.rule, "from": self.share, "to": 0.0,
+                 "reason": fired.reason(), "value": fired.value, "limit": fired.limit, "samples": fired.samples,
+                 "readings": {name: r.as_dict() for name, r in readings.items()}}
         self.share = 0.0
         self.rollbacks += 1
-        self.agreements.clear()
-        self.student_latencies.clear()
-        self.events.append(event)
-        log.warning("ROLLBACK: student share %.3f -> 0: %s", event["from"], reason)
+        self.firings[fired.rule] += 1
+        self._new_stage(event)
+        log.warning("ROLLBACK (%s): student share %.3f -> 0: %s", fired.rule, event["from"], event["reason"])
         return event
+
+    # -- persistence ------------------------------------------------------------------------------------------
+    def to_state(self) -> dict:
+        """What a restarted gateway needs to carry on: JSON-ready. The per-arm counters are left out on purpose:
+        they are this replica's, and Prometheus counters restart with the process."""
+        return {
+            "share": self.share, "shadow_sample_rate": self.shadow_rate, "stage": self.stage,
+            "rollbacks": self.rollbacks, "firings": dict(self.firings), "events": list(self.events),
+            "outcomes": list(self.outcomes), "student_latencies": list(self.student_latencies),
+            "comparisons": [[c.agree, c.similarity] for c in self.comparisons],
+            "shadow": dict(self.shadow), "unparsable": self.unparsable, "stale": dict(self.stale),
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Resume from `to_state()` output (windows keep their newest entries if the config shrank them)."""
+        self.share = state["share"]
+        self.shadow_rate = state["shadow_sample_rate"]
+        self.stage = state["stage"]
+        self.rollbacks = state["rollbacks"]
+        self.firings = Counter(state["firings"])
+        self.events.extend(state["events"])
+        self.outcomes.extend(state["outcomes"])
+        self.student_latencies.extend(state["student_latencies"])
+        self.comparisons.extend(Comparison(agree, similarity, None, None)
+                                for agree, similarity in state["comparisons"])
+        self.shadow = Counter(state["shadow"])
+        self.unparsable = state["unparsable"]
+        self.stale = Counter(state["stale"])
+        self.revision += 1
 
     # -- reporting --------------------------------------------------------------------------------------------
     def snapshot(self) -> dict:
+        readings = self.readings()
         return {
             "student_share": self.share,
             "shadow_sample_rate": self.shadow_rate,
+            "stage": self.stage,
             "arms": {arm: stats.snapshot() for arm, stats in self.arms.items()},
             "routed": {arm: self.routed[arm] for arm in ARMS},
             "agreement": {
-                "live": self.live_agreement(),
-                "window": len(self.agreements),
+                "live": readings["agreement"].value,
+                "similarity": readings["similarity"].value,
+                "window": len(self.comparisons),
                 "window_size": self.config.agreement_window,
                 "min_agreement": self.config.min_agreement,
-                "shadow": {k: self.shadow[k] for k in ("agree", "disagree", "unjudged", "skipped", "failed")},
+                "min_similarity": self.config.min_similarity,
+                "shadow": {k: self.shadow[k] for k in SHADOW_OUTCOMES},
                 "shadow_in_flight": self.shadow_in_flight,
             },
-            "student_p95_window_s": self.student_p95(),
+            "rules": {name: r.as_dict() for name, r in readings.items()},
+            "student_unparsable": self.unparsable,
+            "stale": {k: self.stale[k] for k in STALE_KINDS},
+            "student_p95_window_s": readings["latency_p95"].value,
             "max_student_p95_s": self.config.max_student_p95_s,
             "rollbacks": self.rollbacks,
+            "rollbacks_by_rule": {rule: self.firings[rule] for rule in RULES},
             "events": list(self.events),
         }
 
@@ -298,7 +448,7 @@ class Rollout:
         for a, s in self.arms.items():
             for q in (0.5, 0.95):
                 value = quantile(s.latencies, q)
-                samples.append(({"arm": a, "quantile": str(q)}, value if value is not None else float("nan")))
+                samples.append(({"arm": a, "quantile": str(q)}, _or_nan(value)))
         lines.append(f"# HELP {prefix}_latency_seconds End-to-end request latency at the gateway per arm.")
         lines.append(f"# TYPE {prefix}_latency_seconds summary")
         for labels, value in samples:
@@ -309,13 +459,31 @@ class Rollout:
             lines.append(f'{prefix}_latency_seconds_count{{arm="{a}"}} {s.requests}')
         metric("student_share", "gauge", "Current fraction of routed traffic served by the student.",
                [({}, self.share)])
-        live = self.live_agreement()
+        metric("rollout_stage", "gauge", "Rollout stage: grows with every share change and rollback.",
+               [({}, self.stage)])
+        readings = self.readings()
         metric("shadow_agreement", "gauge", "Live teacher/student agreement over the shadow window (NaN: none).",
-               [({}, live if live is not None else float("nan"))])
+               [({}, _or_nan(readings["agreement"].value))])
         metric("shadow_comparisons_total", "counter", "Shadow requests by outcome.",
-               [({"result": k}, self.shadow[k]) for k in ("agree", "disagree", "unjudged", "skipped", "failed")])
+               [({"result": k}, self.shadow[k]) for k in SHADOW_OUTCOMES])
+        metric("rollout_rule_value", "gauge", "Each rollback rule's value over its window (NaN: no samples).",
+               [({"rule": name}, _or_nan(r.value)) for name, r in readings.items()])
+        metric("rollout_rule_limit", "gauge", "Each rollback rule's limit (NaN: the rule is off).",
+               [({"rule": name}, _or_nan(r.limit)) for name, r in readings.items()])
+        metric("rollout_rule_samples", "gauge", "Samples in each rollback rule's window.",
+               [({"rule": name}, r.samples) for name, r in readings.items()])
+        metric("student_unparsable_total", "counter", "Routed student answers of a label task that name no label.",
+               [({}, self.unparsable)])
+        metric("stale_results_total", "counter", "Results kept out of the windows: they arrived after their stage.",
+               [({"kind": k}, self.stale[k]) for k in STALE_KINDS])
         metric("rollbacks_total", "counter", "Automatic rollbacks of the student share to 0.", [({}, self.rollbacks)])
+        metric("rollback_firings_total", "counter", "Automatic rollbacks per rule that fired.",
+               [({"rule": rule}, self.firings[rule]) for rule in RULES])
         return "\n".join(lines) + "\n"
+
+
+def _or_nan(value: Optional[float]) -> float:
+    return float("nan") if value is None else value
 
 
 def _number(value: float) -> str:

@@ -19,6 +19,12 @@ def tiny_model() -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_moe() -> str:
+    """A random-init Qwen3-MoE (4 experts, fused expert weights) with the tiny model's tokenizer."""
+    return str(build_tiny_model(tiny_model_dir(moe=True), moe=True))
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> str:
     """The real SmolLM2-135M-Instruct, prepared by `make setup` (`distill models prepare`)."""
     path = default_model_dir()

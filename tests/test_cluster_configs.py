@@ -251,13 +251,18 @@ def test_rayjob_runs_the_pipeline_on_spot_gpus(rayjob):
         "the head must stay off spot nodes"
 
 
+def _serve_app(rayservice: dict) -> dict:
+    (app,) = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"]
+    return app
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydantic deprecations inside ray.serve, not ours
 def test_rayservice_serves_the_distill_app(rayservice):
     from ray.serve.schema import ServeDeploySchema
 
     serve_config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(serve_config)
-    (app,) = serve_config["applications"]
+    app = _serve_app(rayservice)
     assert app["name"] == "distill"
     assert app["import_path"] == "serve.app:build_app"
     assert app["route_prefix"] == "/"
@@ -270,6 +275,70 @@ def test_rayservice_serves_the_distill_app(rayservice):
     assert args.teacher.engine.device == args.student.engine.device == "gpu"
     head_ports = {p["containerPort"] for p in _containers(rayservice["spec"]["rayClusterConfig"]["headGroupSpec"])[0]["ports"]}
     assert 8000 in head_ports, "the Serve HTTP proxy port must be exposed on the head"
+    # A rollout that outlives the RayCluster: an upgrade that replaces the cluster keeps the share and rollbacks.
+    assert args.rollout.state_uri.startswith(("gs://", "s3://"))
+    # The build task that reads $DISTILL_API_KEY may run on any node.
+    spec = rayservice["spec"]["rayClusterConfig"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        env = {e["name"]: e for e in _containers(group)[0].get("env", [])}
+        assert "secretKeyRef" in env["DISTILL_API_KEY"]["valueFrom"], group.get("groupName", "head")
+
+
+def test_rayservice_serves_what_the_pipeline_job_trains(rayjob, rayservice):
+    """The RayJob trains with a config; the RayService must serve that config's task, teacher and student, with
+    the adapter the job writes (its --output, train/adapter), named after the task."""
+    from distill.storage import join
+    from distill.tasks import load_task
+    from serve.config import ServeConfig
+
+    entrypoint = rayjob["spec"]["entrypoint"].split()
+    run_config = load(REPO / entrypoint[entrypoint.index("--config") + 1])
+    output = entrypoint[entrypoint.index("--output") + 1]
+    args = ServeConfig.model_validate(_serve_app(rayservice)["args"])
+    assert args.task == run_config["task"]
+    assert (args.teacher.model, args.student.model) == (run_config["teacher"], run_config["student"])
+    task = load_task(str(REPO / args.task))
+    assert args.student.adapters == {task.name: join(output, "train", "adapter")}
+    # Contexts at least as long as the ones the pipeline generated and trained with.
+    assert args.teacher.engine.max_model_len >= run_config["generate"]["engine"]["max_model_len"]
+    assert args.student.engine.max_model_len >= run_config["train"]["max_length"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_rayservice_builds_through_serves_own_builder(rayservice, tmp_path, monkeypatch):
+    """What `serve run` and KubeRay do with import_path and args: import the builder and hand it the args through
+    Serve's own call. The adapter's bucket cannot be reached here, so a local adapter folder stands in for it."""
+    from ray._common.utils import import_attr
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from serve.config import ServeConfig
+
+    app = _serve_app(rayservice)
+    args = copy.deepcopy(app["args"])
+    (name, uri), = args["student"]["adapters"].items()
+    (tmp_path / "adapter_config.json").write_text('{"r": 32}')
+    args["student"]["adapters"][name] = str(tmp_path)
+    monkeypatch.chdir(REPO)  # KubeRay's working_dir: the repository
+    monkeypatch.setenv("DISTILL_API_KEY", "from-the-secret")
+
+    built = call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), args)
+    assert isinstance(built, Application)
+    gateway = built._bound_deployment
+    config = ServeConfig.model_validate(gateway.init_args[0])
+    assert gateway.name == "gateway" and config.api_key == "from-the-secret"
+    assert config.teacher.model == args["teacher"]["model"] and config.student.adapters == {name: str(tmp_path)}
+    assert config.task == str(REPO / args["task"]) and config.rollout.state_uri == args["rollout"]["state_uri"]
+    for arm, bound in (("teacher", gateway.init_args[1]), ("student", gateway.init_args[2])):
+        deployment = bound._bound_deployment
+        assert deployment.name == arm
+        assert deployment.init_args[0] == arm and deployment.init_args[3] == "gpu"
+        # Tensor parallel 2: one placement group per replica, a CPU bundle and one bundle per GPU, on one node.
+        assert deployment._replica_config.placement_group_bundles == [{"CPU": 1}, {"GPU": 1}, {"GPU": 1}]
+    bad = copy.deepcopy(args)
+    bad["student"]["adapter"] = bad["student"].pop("adapters")
+    with pytest.raises(Exception, match="student.adapter"):
+        call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------

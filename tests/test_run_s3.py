@@ -82,7 +82,7 @@ def test_storage_helpers_round_trip_through_s3(s3, tmp_path):
 
 
 def test_metrics_log_rewrites_the_object_and_a_resumed_run_keeps_lines_up_to_its_checkpoint(s3):
-    from pipelines.train import MetricsLog, read_metrics
+    from distill.checkpoints import MetricsLog, read_metrics
 
     uri = join(s3, "metrics", "metrics.jsonl")
     fs, path = resolve(uri)
@@ -126,7 +126,7 @@ def pipeline(s3, tiny_model, tmp_path_factory) -> tuple:
 @pytest.mark.timeout(600)  # ~3.5 min on a lightly loaded 2-core machine: four engine start-ups (1 generate, 3 eval)
 def test_distill_run_into_s3_end_to_end_and_rerun_skips_every_stage(pipeline, tiny_model):
     from pipelines.run import main
-    from pipelines.train import read_metrics
+    from distill.checkpoints import read_metrics
 
     config, record, cwd_files = pipeline
     root = config.output
@@ -182,7 +182,8 @@ def test_distill_run_into_s3_end_to_end_and_rerun_skips_every_stage(pipeline, ti
 def test_training_into_s3_resumes_after_a_crash_and_after_a_lost_worker(pipeline, s3, tiny_model):
     """The driver-crash and worker-loss paths of test_train_ray, with OUT in the bucket: the rerun finds Ray
     Train's run and checkpoints there, rank 0 finds its metrics there and drops the lines past the checkpoint."""
-    from pipelines.train import TrainConfig, main, read_metrics
+    from distill.checkpoints import read_metrics
+    from pipelines.train import TrainConfig, main
 
     config, _, _ = pipeline
     out = join(s3, "crash")

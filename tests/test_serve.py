@@ -1,7 +1,9 @@
-"""End to end: real Ray Serve, real vLLM engines (tiny model, a real LoRA adapter), real HTTP on 127.0.0.1.
+"""End to end: real Ray Serve, real vLLM engines (tiny model, real LoRA adapters, one of them in a local S3
+server), real HTTP on 127.0.0.1.
 
 One Serve application is started for the whole module (two engines take about a minute to start on 2 cores) and
-every test talks to it over HTTP. Tests that depend on the rollout state set the share they need first.
+every test talks to it over HTTP. Tests that depend on the rollout state set the share they need first. The
+chaos test that kills the student replica runs last: the replacement takes an engine start-up.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ QUERIES = [
 TEACHER_CHOICES = [f"Final Answer: {label}" for label in ("en", "fr", "de", "es", "ru", "zh", "tr", "vi")]
 # The student is forced to a label the teacher never gives: every shadow comparison disagrees, deterministically.
 STUDENT_CHOICES = ["Final Answer: ot"]
+REQUEST_TIMEOUT_S = 60
+BUCKET = "distill-serve-test"
 
 
 def make_adapter(base: str, dest, seed: int, rank: int = 8) -> str:
@@ -52,25 +56,56 @@ def make_adapter(base: str, dest, seed: int, rank: int = 8) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tiny_model, tmp_path_factory, free_port):
+def s3(free_port):
+    """A bucket on a local S3 server (moto, as in test_run_s3.py); yields its s3:// root and the environment a
+    process needs to reach it. Only this driver and the processes given that environment can."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    patch = pytest.MonkeyPatch()
+    for key, value in env.items():
+        patch.setenv(key, value)
+    pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                      allow_bucket_creation=True).create_dir(BUCKET)
+    yield f"s3://{BUCKET}", env
+    patch.undo()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_model, tmp_path_factory, free_port, s3):
+    from distill.storage import join, staged_dir
     from serve.app import start, stop
     from serve.config import ServeConfig
 
+    bucket, s3_env = s3
     adapters = tmp_path_factory.mktemp("adapters")
+    # The second adapter lives in the bucket only: the student replica downloads it (it has the bucket's
+    # environment; the teacher has not), vLLM never sees the s3:// URI.
+    in_bucket = join(bucket, "adapters", "langid-v2")
+    with staged_dir(in_bucket) as folder:
+        make_adapter(tiny_model, folder, seed=2, rank=16)
     engine = {"max_model_len": 2048, "kv_cache_memory_bytes": 128 * 1024**2}
     config = ServeConfig.model_validate({
         "task": "language-id",
         "port": free_port(),
         "api_key": API_KEY,
         "max_request_bytes": 64 * 1024,
+        "request_timeout_s": REQUEST_TIMEOUT_S,
         "teacher": {"model": tiny_model, "guided": True, "guided_choices": TEACHER_CHOICES, "temperature": 0.0,
                     "engine": engine},
         "student": {"model": tiny_model, "guided": True, "guided_choices": STUDENT_CHOICES, "temperature": 0.0,
-                    "engine": engine, "max_replicas": 2,
+                    "engine": {**engine, "env": s3_env}, "max_replicas": 2,
                     "adapters": {"language-id": make_adapter(tiny_model, adapters / "langid", seed=1),
-                                 "langid-v2": make_adapter(tiny_model, adapters / "langid-v2", seed=2, rank=16)}},
+                                 "langid-v2": in_bucket}},
         "rollout": {"student_share": 0.0, "shadow_sample_rate": 0.0, "agreement_window": 10,
-                    "min_agreement_samples": 10, "min_agreement": 0.9, "max_student_p95_s": None},
+                    "min_agreement_samples": 10, "min_agreement": 0.9, "max_student_p95_s": None,
+                    "error_window": 20, "min_error_samples": 10, "max_error_rate": 0.2, "persist_interval_s": 0.5},
     })
     assert config.host == "127.0.0.1"
     url = start(config)
@@ -120,9 +155,11 @@ def test_both_arms_answer_through_the_openai_client(server):
     # The task prompt is added server-side for the teacher only: its prompt is far longer than the student's.
     assert teacher.usage.prompt_tokens > student.usage.prompt_tokens + 200
     assert student.usage.completion_tokens >= 1
-    # Every adapter is also a model of its own, on the same base engine.
-    other = client.chat.completions.create(model="langid-v2", messages=[{"role": "user", "content": QUERIES[1]}])
-    assert other.choices[0].message.content in STUDENT_CHOICES
+    # Every adapter is also a model of its own, on the same base engine; this one was downloaded from the bucket
+    # by the replica. It is another task's adapter, so the language-id choices do not bind it.
+    other = client.chat.completions.create(model="langid-v2", messages=[{"role": "user", "content": QUERIES[1]}],
+                                           max_tokens=12)
+    assert other.usage.completion_tokens >= 1 and other.choices[0].message.content not in STUDENT_CHOICES
     raw = client.chat.completions.with_raw_response.create(
         model="routed", messages=[{"role": "user", "content": QUERIES[2]}], user="someone")
     assert raw.headers["x-distill-arm"] in {"teacher", "student"}
@@ -145,6 +182,40 @@ def test_streaming_through_the_openai_client(server):
         assert "".join(pieces) in choices
         assert finish in {"stop", "length"}
         assert usage is not None and usage.completion_tokens >= 1
+
+
+def student_engine() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("student", app_name="distill").info.remote().result(timeout_s=60)
+
+
+def test_a_streaming_client_that_disconnects_mid_answer_frees_the_engine_request(server):
+    from ray import serve
+
+    replicas = serve.status().applications["distill"].deployments["student"].replica_states
+    assert replicas == {"RUNNING": 1}, replicas  # one replica: the handle below asks the one that streams
+    before = student_engine()
+    assert before["unfinished_requests"] == 0
+    # Another task's adapter decodes unguided: an answer of up to 1800 tokens, far more than is read here.
+    body = chat("langid-v2", QUERIES[1], max_tokens=1800, stream=True)
+    with httpx.Client(base_url=server, headers=AUTH, timeout=60) as client:
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            pieces = 0
+            for line in response.iter_lines():
+                assert line != "data: [DONE]", "the answer ended before the client went away"
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    pieces += 1
+                    if pieces == 3:
+                        break
+            assert student_engine()["unfinished_requests"] == 1  # the engine is still generating it
+    # The connection is closed mid-answer.
+    deadline = time.monotonic() + 30
+    while (after := student_engine())["unfinished_requests"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert after["unfinished_requests"] == 0, after
+    assert after["cancelled_streams"] == before["cancelled_streams"] + 1, after
 
 
 def test_teacher_reasoning_is_returned_apart_from_the_content(server):
@@ -194,26 +265,34 @@ def test_ab_split_lands_within_tolerance_and_is_sticky_per_user(server):
         assert {r.headers["x-distill-arm"] for r in served} == {arm}
 
 
-def test_rollback_fires_when_the_student_disagrees(server):
-    set_share(server, 1.0, shadow=1.0)
-    before = stats(server)["rollbacks"]
+def drive_to_rollback(url: str, prefix: str) -> tuple[int, dict]:
+    """Share 1.0 with every answer shadowed: the student's forced label disagrees with the teacher's every time,
+    so the agreement rule rolls back after `min_agreement_samples` comparisons. Returns (rollbacks before, stats)."""
+    set_share(url, 1.0, shadow=1.0)
+    before = stats(url)["rollbacks"]
     # Small batches, so the shadow requests keep up (more than max_shadow_in_flight at once are skipped).
-    current, sent = stats(server), 0
+    current, sent = stats(url), 0
     deadline = time.monotonic() + 180
     while current["rollbacks"] == before and time.monotonic() < deadline:
-        bodies = [chat("routed", QUERIES[(sent + i) % len(QUERIES)], user=f"rollback-{sent + i}") for i in range(4)]
-        responses = asyncio.run(_send_all(server, bodies, concurrency=4))
+        bodies = [chat("routed", QUERIES[(sent + i) % len(QUERIES)], user=f"{prefix}-{sent + i}") for i in range(4)]
+        responses = asyncio.run(_send_all(url, bodies, concurrency=4))
         sent += len(bodies)
         assert all(r.status_code == 200 for r in responses)
         arms = {r.headers["x-distill-arm"] for r in responses}
-        current = stats(server)
+        current = stats(url)
         assert arms == {"student"} or current["rollbacks"] > before
         time.sleep(0.3)
-        current = stats(server)
+        current = stats(url)
+    return before, current
+
+
+def test_rollback_fires_when_the_student_disagrees(server):
+    before, current = drive_to_rollback(server, "rollback")
     assert current["rollbacks"] == before + 1, current
     assert current["student_share"] == 0.0
     event = current["events"][-1]
     assert event["kind"] == "rollback" and "live agreement 0.000" in event["reason"], event
+    assert (event["rule"], event["value"], event["limit"]) == ("agreement", 0.0, 0.9)
     assert current["agreement"]["shadow"]["disagree"] >= 10
     metrics = httpx.get(server + "/metrics", headers=AUTH, timeout=30).text
     assert f"distill_rollbacks_total {before + 1}" in metrics
@@ -312,6 +391,51 @@ def test_load_300_requests_at_concurrency_16_has_no_5xx(server):
     assert 'distill_latency_seconds{arm="student",quantile="0.95"}' in metrics
 
 
+def test_load_500_routed_requests_at_concurrency_16_has_no_5xx_and_bad_requests_get_4xx(server):
+    """The routed model under load, with malformed, oversized and keyless requests mixed in: every good request
+    answers 200 (no 5xx), every bad one its 4xx, and the client-side p50/p95 are printed (the serving README's
+    load figures come from this test)."""
+    set_share(server, 0.5, shadow=0.2)
+    # (body, headers, expected status; None: a good request)
+    items = [(json.dumps(chat("routed", QUERIES[i % len(QUERIES)], user=f"load500-{i}", max_tokens=8,
+                              stream=(i % 5 == 0))).encode(), AUTH, None) for i in range(500)]
+    bad = [(b'{"model": "routed", "messages": [', AUTH, 400),
+           (json.dumps(chat("routed", "x " * 40_000)).encode(), AUTH, 413),
+           (json.dumps(chat("routed", "hi")).encode(), {}, 401)] * 10
+    for i, item in enumerate(bad):
+        items.insert(i * 17, item)
+    t0 = time.perf_counter()
+    responses = asyncio.run(_send_raw(server, [(body, headers) for body, headers, _ in items], concurrency=16))
+    seconds = time.perf_counter() - t0
+    good_responses = [r for r, (_, _, status) in zip(responses, items) if status is None]
+    assert Counter(r.status_code for r in good_responses) == {200: 500}
+    for r, (body, _, status) in zip(responses, items):
+        if status is not None:
+            assert r.status_code == status and r.json()["error"]["message"], r.text
+        elif b'"stream": true' in body:
+            assert r.text.rstrip().endswith("data: [DONE]") and '"error"' not in r.text
+    latencies = [r.elapsed.total_seconds() for r in good_responses]
+    print(f"\nLOAD: 500 routed requests (+{len(bad)} bad ones) at concurrency 16 in {seconds:.1f}s "
+          f"({500 / seconds:.1f} req/s); client p50 {quantile(latencies, 0.5) * 1000:.0f} ms, "
+          f"p95 {quantile(latencies, 0.95) * 1000:.0f} ms")
+    for arm in ("teacher", "student"):
+        mine = [r.elapsed.total_seconds() for r in good_responses if r.headers["x-distill-arm"] == arm]
+        assert mine, arm
+        print(f"LOAD: {arm}: {len(mine)} requests, client p50 {quantile(mine, 0.5) * 1000:.0f} ms, "
+              f"p95 {quantile(mine, 0.95) * 1000:.0f} ms")
+
+
+async def _send_raw(url: str, items: list[tuple[bytes, dict]], concurrency: int) -> list[httpx.Response]:
+    semaphore = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        async def one(body, headers):
+            async with semaphore:
+                return await client.post("/v1/chat/completions", content=body,
+                                         headers={**headers, "Content-Type": "application/json"})
+
+        return await asyncio.gather(*(one(b, h) for b, h in items))
+
+
 def test_compare_latency_against_the_running_server(server, tmp_path):
     from serve.latency import CompareLatencyConfig, main
 
@@ -323,3 +447,116 @@ def test_compare_latency_against_the_running_server(server, tmp_path):
     assert (tmp_path / "latency.png").stat().st_size > 1000
     assert json.loads((tmp_path / "latency.json").read_text())["summary"]["teacher"]["requests"] == 6
     assert "p95 ms" in report["table"]
+
+
+# -- restarts and chaos ------------------------------------------------------------------------------------------
+def kill_replicas(deployment: str) -> int:
+    """Kill every live replica actor of a deployment of the app, as a crash would (Serve starts new ones)."""
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:distill:{deployment}"), ("state", "=", "ALIVE")])
+    for actor in actors:
+        ray.kill(ray.get_actor(actor.name, namespace="serve"), no_restart=True)
+    return len(actors)
+
+
+def saved_stats(url: str) -> dict:
+    """/stats once the gateway has saved everything it holds (window updates are saved every 0.5 s here)."""
+    deadline = time.monotonic() + 30
+    while (current := stats(url))["state"]["saved_revision"] != current["state"]["revision"]:
+        assert time.monotonic() < deadline, current["state"]
+        time.sleep(0.2)
+    return current
+
+
+def restart_gateway(url: str) -> tuple[dict, dict]:
+    """Kill the gateway replica: (/stats just before, /stats from its replacement)."""
+    old = saved_stats(url)
+    assert kill_replicas("gateway") == 1
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(url + "/stats", headers=AUTH, timeout=10)
+            if r.status_code == 200 and r.json()["gateway_replica"] != old["gateway_replica"]:
+                return old, r.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("no new gateway replica within 120 s")
+
+
+def test_a_restarted_gateway_keeps_the_rollback_and_the_stage_in_progress(server):
+    before, rolled_back = drive_to_rollback(server, "restart")
+    assert rolled_back["rollbacks"] == before + 1 and rolled_back["student_share"] == 0.0
+    old, new = restart_gateway(server)
+    assert new["state"]["resumed"] is True and new["state"]["store"] == "detached Ray actor distill/rollout-state-distill"
+    for key in ("student_share", "stage", "rollbacks", "rollbacks_by_rule", "events"):
+        assert new[key] == old[key], key
+    assert new["student_share"] == 0.0 and new["events"][-1]["kind"] == "rollback"
+    served = asyncio.run(_send_all(server, [chat("routed", q, user=f"after-restart-{i}") for i, q in
+                                            enumerate(QUERIES)], concurrency=4))
+    assert {r.headers["x-distill-arm"] for r in served} == {"teacher"}  # the rollback is still in force
+
+    # A stage in progress keeps its share and its windows.
+    set_share(server, 0.4, shadow=0.0)
+    bodies = [chat("routed", QUERIES[i % len(QUERIES)], user=f"stage-{i}", max_tokens=4) for i in range(24)]
+    assert all(r.status_code == 200 for r in asyncio.run(_send_all(server, bodies, concurrency=4)))
+    old, new = restart_gateway(server)
+    assert old["rules"]["error_rate"]["samples"] > 0  # the windows hold this stage's routed student requests
+    for key in ("student_share", "stage", "rules", "events", "rollbacks"):
+        assert new[key] == old[key], key
+    assert new["student_share"] == 0.4
+
+
+def test_killing_the_student_under_load_fails_cleanly_rolls_back_on_errors_and_recovers(server):
+    from ray import serve
+
+    set_share(server, 1.0, shadow=0.0)
+    before = stats(server)
+
+    async def load_with_a_kill():
+        semaphore = asyncio.Semaphore(8)
+        # A client timeout well above the gateway's: a request that hung would fail this test, not pass it.
+        async with httpx.AsyncClient(base_url=server, headers=AUTH, timeout=REQUEST_TIMEOUT_S + 60) as client:
+            async def one(i):
+                async with semaphore:
+                    started = time.perf_counter()
+                    r = await client.post("/v1/chat/completions", json=chat(
+                        "routed", QUERIES[i % len(QUERIES)], user=f"chaos-{i}", max_tokens=8))
+                    return r, time.perf_counter() - started
+
+            tasks = [asyncio.create_task(one(i)) for i in range(80)]
+            while sum(t.done() for t in tasks) < 12:  # a full error window's worth of successes first
+                await asyncio.sleep(0.05)
+            killed = await asyncio.to_thread(kill_replicas, "student")
+            return killed, await asyncio.gather(*tasks)
+
+    t0 = time.perf_counter()
+    killed, results = asyncio.run(load_with_a_kill())
+    seconds = time.perf_counter() - t0
+    assert killed >= 1
+    codes = Counter(r.status_code for r, _ in results)
+    assert set(codes) <= {200, 503, 504}, codes
+    failed = [r for r, _ in results if r.status_code != 200]
+    assert failed, codes  # the requests in flight on the killed replica cannot have succeeded
+    for r in failed:  # clean failures: an OpenAI error body that says what failed
+        assert r.json()["error"]["type"] == "server_error" and "student" in r.json()["error"]["message"], r.text
+    assert max(elapsed for _, elapsed in results) < REQUEST_TIMEOUT_S + 30
+    after = stats(server)
+    assert after["rollbacks"] == before["rollbacks"] + 1 and after["student_share"] == 0.0, after
+    event = after["events"][-1]
+    assert event["kind"] == "rollback" and event["rule"] == "error_rate" and event["value"] > 0.2, event
+    arms = Counter(r.headers.get("x-distill-arm") for r, _ in results if r.status_code == 200)
+    assert arms["teacher"] > 0, arms  # after the rollback the routed traffic went to the teacher
+    metrics = httpx.get(server + "/metrics", headers=AUTH, timeout=30).text
+    assert 'distill_rollback_firings_total{rule="error_rate"} 1' in metrics.splitlines()
+    print(f"\nCHAOS: 80 routed requests at concurrency 8, {killed} student replica(s) killed after 12 answers: "
+          f"{dict(codes)} in {seconds:.1f}s, slowest {max(e for _, e in results):.1f}s; rollback: {event['reason']}")
+
+    # Serve replaces the replica; the student answers again.
+    deadline = time.monotonic() + 300
+    while serve.status().applications["distill"].deployments["student"].status != "HEALTHY":
+        assert time.monotonic() < deadline, serve.status().applications["distill"].deployments["student"]
+        time.sleep(2)
+    assert post(server, "/v1/chat/completions", chat("student", QUERIES[0], max_tokens=4)).status_code == 200

@@ -15,9 +15,10 @@ import torch
 
 from distill.config import ConfigError
 from distill.formats import DATA_SCHEMA
+from distill.storage import resolve
 from distill.training import (IGNORE, StepPlan, TrainDataError, collate, lr_factor, packed_attention, padding_waste,
-                              shard_evenly, split_of, token_losses, tokenize_example)
-from pipelines.train import TrainConfig, check_soft_labels, prepare
+                              rank_steps, read_examples, shard_evenly, split_of, token_losses, tokenize_example)
+from pipelines.train import TrainConfig, prepare, soft_label_choice
 
 TEXTS = ["Bonjour tout le monde, ceci est un texte.", "Hello", "Alle Menschen sind frei und gleich an Würde.",
          "Todos los seres humanos nacen libres e iguales en dignidad y derechos, dotados como están de razón.",
@@ -34,6 +35,18 @@ def write_data(root, rows: list[dict]) -> str:
     full = [{"task": "language-id", "teacher": "test-teacher", **r} for r in rows]
     pq.write_table(pa.Table.from_pylist(full, schema=DATA_SCHEMA), root / "data" / "part-0.parquet")
     return str(root)
+
+
+def run_prepare(config: TrainConfig, tokenizer) -> dict:
+    fs, path = resolve(config.output)
+    return prepare(config, tokenizer, fs, path)
+
+
+def shard_contents(prepared: dict, accumulation: int) -> list[list]:
+    """Per rank: [(step, [[example ids] per micro-batch])] as the workers stream them."""
+    fs, _ = resolve(prepared["shards"][0])
+    return [[(step, [[e.id for e in micro] for micro in micros]) for step, micros in rank_steps(fs, path, 0, accumulation)]
+            for path in prepared["shards"]]
 
 
 @pytest.fixture(scope="module")
@@ -153,15 +166,36 @@ def test_prepare_never_trains_on_held_out_ids(tmp_path, tiny_model, tokenizer):
     config = TrainConfig(data=write_data(tmp_path / "gen", rows), output=str(tmp_path / "out"), student=tiny_model,
                          validation_fraction=0.2, per_device_batch_size=2, gradient_accumulation=2, workers=2,
                          epochs=2)
-    prepared = prepare(config, tokenizer)
+    prepared = run_prepare(config, tokenizer)
     split = {r["id"]: r["split"] for r in pq.read_table(tmp_path / "out" / "split.parquet").to_pylist()}
     assert set(split) == {r["id"] for r in rows} and set(split.values()) == {"train", "validation"}
     held_out = {i for i, s in split.items() if s == "validation"}
-    trained = {prepared["train"][j].id for step in prepared["plan"] for rank in step for micro in rank for j in micro}
-    assert trained == set(split) - held_out
-    assert {e.id for e in prepared["val"]} == held_out
-    assert prepared["split"] == {"train": len(rows) - len(held_out), "validation": len(held_out)}
-    assert prepare(config, tokenizer)["plan"] == prepared["plan"]  # deterministic
+    # Each worker streams its own shard: the two ranks together hold every training example, twice (2 epochs),
+    # and no held-out one; every step has the same number of micro-batches on every rank.
+    shards = shard_contents(prepared, accumulation=2)
+    trained = [i for rank in shards for _, micros in rank for micro in micros for i in micro]
+    assert Counter(trained) == {i: 2 for i in set(split) - held_out}
+    assert all(len(micros) == 2 for rank in shards for _, micros in rank)
+    fs, _ = resolve(prepared["validation"])
+    assert {e.id for e in read_examples(fs, prepared["validation"])} == held_out
+    assert prepared["split"] == {"train": len(rows) - len(held_out), "validation": len(held_out), "excluded": 0}
+    assert shard_contents(run_prepare(config, tokenizer), 2) == shards  # deterministic
+    # A resumed worker starts at its step: the stream from step 3 is the tail of the whole stream.
+    fs, _ = resolve(prepared["shards"][1])
+    tail = [(s, [[e.id for e in m] for m in ms]) for s, ms in rank_steps(fs, prepared["shards"][1], 3, 2)]
+    assert tail == [x for x in shards[1] if x[0] >= 3] and tail[0][0] == 3
+
+
+def test_excluded_ids_never_train(tmp_path, tiny_model, tokenizer):
+    rows = [{"id": f"r{i:03d}", "text": t, "messages": chat(t, "Final Answer: en")} for i, t in enumerate(TEXTS * 4)]
+    pq.write_table(pa.table({"id": ["r001", "r002", "not-in-data"]}), tmp_path / "held.parquet")
+    config = TrainConfig(data=write_data(tmp_path / "gen", rows), output=str(tmp_path / "out"), student=tiny_model,
+                         validation_fraction=0, exclude_ids=str(tmp_path / "held.parquet"), per_device_batch_size=2,
+                         gradient_accumulation=1)
+    prepared = run_prepare(config, tokenizer)
+    trained = {i for rank in shard_contents(prepared, 1) for _, micros in rank for micro in micros for i in micro}
+    assert trained == {r["id"] for r in rows} - {"r001", "r002"}
+    assert prepared["split"]["excluded"] == 2
 
 
 def test_step_plan_gives_every_rank_the_same_number_of_micro_batches():
@@ -193,10 +227,10 @@ def test_empty_data_dir_is_a_clear_error(tmp_path, tiny_model, tokenizer):
     (tmp_path / "gen" / "data").mkdir(parents=True)
     config = TrainConfig(data=str(tmp_path / "gen"), output=str(tmp_path / "out"), student=tiny_model)
     with pytest.raises(ConfigError, match="no Parquet files"):
-        prepare(config, tokenizer)
+        run_prepare(config, tokenizer)
     pq.write_table(pa.Table.from_pylist([], schema=DATA_SCHEMA), tmp_path / "gen" / "data" / "part-0.parquet")
     with pytest.raises(ConfigError, match="no rows"):
-        prepare(config, tokenizer)
+        run_prepare(config, tokenizer)
 
 
 def test_bad_rows_are_skipped_and_counted(tmp_path, tiny_model, tokenizer):
@@ -208,14 +242,14 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, tiny_model, tokenizer):
     ]
     config = TrainConfig(data=write_data(tmp_path / "gen", good + bad), output=str(tmp_path / "out"),
                          student=tiny_model, max_length=128, validation_fraction=0)
-    prepared = prepare(config, tokenizer)
+    prepared = run_prepare(config, tokenizer)
     assert prepared["skipped"] == {"no assistant turn": 1, "empty assistant turn": 1, "longer than max_length": 1}
-    assert {e.id for e in prepared["train"]} == {r["id"] for r in good}
+    assert {i for rank in shard_contents(prepared, 4) for _, ms in rank for m in ms for i in m} == {r["id"] for r in good}
 
     config = TrainConfig(data=write_data(tmp_path / "gen2", bad), output=str(tmp_path / "out2"), student=tiny_model,
                          max_length=128)
     with pytest.raises(TrainDataError, match="no trainable examples"):
-        prepare(config, tokenizer)
+        run_prepare(config, tokenizer)
 
 
 def test_changed_settings_in_the_same_output_are_refused(tmp_path, tiny_model):
@@ -265,15 +299,56 @@ def test_soft_targets_follow_the_teachers_tokens_and_mix_with_the_hard_loss(toke
     assert torch.isfinite(mixed)
 
 
-def test_soft_labels_need_the_teachers_tokenizer(tmp_path, tiny_model, smollm2, tokenizer):
+def test_soft_labels_are_on_by_default_where_free_and_explicit_requests_that_cannot_work_fail(tmp_path, tiny_model,
+                                                                                              smollm2, tokenizer):
     rows = [{"id": "a", "text": "x", "messages": chat("x", "y"), "teacher_token_ids": [1], "topk_ids": [[1]],
              "topk_logprobs": [[-0.1]], "teacher": smollm2}]
-    config = TrainConfig(data=str(tmp_path), output=str(tmp_path / "o"), student=tiny_model, soft_label_weight=0.5)
-    with pytest.raises(TrainDataError, match="share a tokenizer"):
-        check_soft_labels(config, tokenizer, rows)
-    check_soft_labels(config, tokenizer, [{**rows[0], "teacher": tiny_model}])  # same tokenizer: fine
+    auto = TrainConfig(data=str(tmp_path), output=str(tmp_path / "o"), student=tiny_model)
+    explicit = auto.model_copy(update={"soft_label_weight": 0.3})
+    # Default: on where they are free (top-k kept, same tokenizer), else off with the reason said.
+    assert soft_label_choice(auto, tokenizer, [{**rows[0], "teacher": tiny_model}])[0] == 0.5
+    weight, why = soft_label_choice(auto, tokenizer, rows)
+    assert weight == 0 and "differs from the teacher's" in why
+    weight, why = soft_label_choice(auto, tokenizer, [{**rows[0], "topk_ids": None}])
+    assert weight == 0 and "no teacher top-k" in why
+    # Asked for explicitly, the same cases are errors, not a quiet switch to hard labels.
+    with pytest.raises(TrainDataError, match="share the teacher's tokenizer"):
+        soft_label_choice(explicit, tokenizer, rows)
+    assert soft_label_choice(explicit, tokenizer, [{**rows[0], "teacher": tiny_model}])[0] == 0.3
     with pytest.raises(TrainDataError, match="logprobs"):
-        check_soft_labels(config, tokenizer, [{**rows[0], "topk_ids": None}])
+        soft_label_choice(explicit, tokenizer, [{**rows[0], "topk_ids": None}])
+
+
+def test_soft_labels_that_align_with_no_example_are_an_error(tmp_path, tiny_model, tokenizer):
+    rows = [{"id": f"r{i}", "text": t, "messages": chat(t, "Final Answer: en"), "teacher": tiny_model,
+             "teacher_token_ids": tokenizer("Something else", add_special_tokens=False)["input_ids"],
+             "topk_ids": [[5]] * 2, "topk_logprobs": [[-0.1]] * 2} for i, t in enumerate(TEXTS)]
+    config = TrainConfig(data=write_data(tmp_path / "gen", rows), output=str(tmp_path / "out"), student=tiny_model,
+                         validation_fraction=0)
+    with pytest.raises(TrainDataError, match="align with the answer of no training example"):
+        run_prepare(config, tokenizer)
+
+
+def test_soft_labels_align_for_a_thinking_teachers_answer(tokenizer):
+    """A thinking teacher's answer tokens come after `</think>` and the whitespace it writes before its answer;
+    generation drops both, and training still lines the teacher's top-k up with the student's answer tokens."""
+    from pipelines.generate import answer_start
+
+    answer = "Final Answer: fr"
+    reasoning = tokenizer("<think>The text has é and à.</think>", add_special_tokens=False)["input_ids"]
+    blank = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    tail = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    generated = reasoning + blank + tail
+    texts = [tokenizer.decode([t]) for t in generated]
+    start = answer_start(texts)
+    assert generated[start:] == tail
+    # Even when the whitespace reaches training (older data), it is skipped, and every answer token is aligned.
+    ids = blank + tail
+    topk = [[t, 3] for t in ids]
+    ex = tokenize_example(tokenizer, "t", chat("Bonjour à tous", answer), 2048, ids, topk, [[-0.1, -3.0]] * len(ids))
+    assert ex.soft_positions is not None and len(ex.soft_positions) == len(tail)
+    begin = int(ex.soft_positions[0]) + 1
+    assert ex.input_ids[begin:begin + len(tail)].tolist() == tail
 
 
 def test_config_takes_object_store_output_and_rejects_unknown_keys(tmp_path):

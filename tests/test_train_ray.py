@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -19,7 +20,8 @@ import torch
 from distill.models import default_model_dir
 from distill.storage import read_columns
 from distill.training import collate, token_losses, tokenize_rows
-from pipelines.train import LoraOptions, TrainConfig, main, read_data, read_metrics
+from distill.checkpoints import read_metrics
+from pipelines.train import LoraOptions, TrainConfig, main, read_data
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +59,23 @@ def test_two_worker_fsdp_run_learns_and_writes_the_contract(reference, generated
     assert [m["step"] for m in metrics] == list(range(1, 13))
     for m in metrics:
         assert {"step", "epoch", "loss", "lr", "tokens_per_s", "elapsed_s"} <= set(m)
-    vals = [m["val_loss"] for m in metrics if "val_loss" in m]
-    assert [m["step"] for m in metrics if "val_loss" in m] == [4, 8, 12]
+    validations = [m for m in metrics if "val_loss" in m]
+    vals = [m["val_loss"] for m in validations]
+    assert [m["step"] for m in validations] == [4, 8, 12]
     assert vals[-1] < vals[0] and metrics[-1]["loss"] < metrics[0]["loss"]  # validation loss falls
-    assert summary["final_val_loss"] == vals[-1] and summary["best_val_loss"] == min(vals)
+    assert summary["final_val_loss"] == vals[-1]
+    # A label task: the workers decode the held-out queries and the best checkpoint is the one that agrees most
+    # with the teacher's labels (validation loss breaks ties).
+    assert summary["select_by"] == "agreement" and all(0 <= m["val_agreement"] <= 1 for m in validations)
+    best = min(validations, key=lambda m: (1 - m["val_agreement"], m["val_loss"]))
+    assert summary["best_step"] == best["step"] and summary["best_val_loss"] == best["val_loss"]
+    assert summary["best_val_agreement"] == best["val_agreement"]
+    # The learning curve's x axis: examples seen, four epochs of the training split by the end.
+    assert metrics[-1]["examples"] == 4 * summary["examples"]["train"]
 
     split = pq.read_table(os.path.join(out, "split.parquet")).to_pylist()
     counts = {s: sum(r["split"] == s for r in split) for s in ("train", "validation")}
-    assert summary["split"] == counts and counts["validation"] >= 1
+    assert summary["split"] == {**counts, "excluded": 0} and counts["validation"] >= 1
     assert summary["soft_examples"] > 0  # generation kept top-k, so soft labels were used
     assert summary["padding_waste"] == 0.0 and summary["padding_waste_unpacked"] > 0
     assert summary["task"] == "language-id" and summary["teacher"] == config.student
@@ -95,7 +106,7 @@ def test_saved_adapter_reloads_in_peft_with_the_trained_models_numbers(reference
     config, summary = reference
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     split = {r["id"]: r["split"] for r in pq.read_table(os.path.join(config.output, "split.parquet")).to_pylist()}
-    rows = [r for r in sorted(read_data(config, soft=False), key=lambda r: r["id"]) if split[r["id"]] == "validation"]
+    rows = [r for r in sorted(read_data(config), key=lambda r: r["id"]) if split[r["id"]] == "validation"]
     val, _ = tokenize_rows(tokenizer, rows, config.max_length, soft=False)
 
     def val_loss(model) -> float:
@@ -190,3 +201,87 @@ def test_vllm_serves_the_adapter_and_reproduces_the_teacher_without_the_prompt(g
 
 def test_default_student_is_the_embedded_model():
     assert TrainConfig(data="d").student == default_model_dir()
+
+
+MERGED_VLLM_SCRIPT = textwrap.dedent("""
+    import json, sys
+
+    if __name__ == "__main__":  # vLLM's engine runs in a spawned process
+        from vllm import LLM, SamplingParams
+
+        from distill.engine import EngineConfig, engine_kwargs
+
+        merged, prompts_path = sys.argv[1], sys.argv[2]
+        engine = EngineConfig(max_model_len=1024, kv_cache_memory_bytes=128 * 1024**2)
+        llm = LLM(model=merged, seed=0, **engine_kwargs(engine, "cpu"))  # a merged MoE: no enable_lora on CPU
+        prompts = [{"prompt_token_ids": p} for p in json.load(open(prompts_path))]
+        outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+        print("RESULT " + json.dumps([list(o.outputs[0].token_ids) for o in outputs]))
+""")
+
+
+def test_moe_student_trains_on_two_workers_with_lora_on_the_experts_and_vllm_serves_it_merged(
+        generated, tiny_moe, tmp_path):
+    """A tiny Qwen3-MoE student (4 experts, fused expert weights): 2-worker FSDP2 training adapts the experts (not
+    the router), learns, the adapter reloads in peft with the trained numbers, it merges, and vLLM's CPU build
+    serves the merged student (it has no MoE LoRA kernels) with the greedy tokens transformers computes."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = fsdp_config(generated, str(tmp_path / "moe"), tiny_moe, merge=True, select_by="loss", epochs=2)
+    summary = main(config)
+    adapter = os.path.join(config.output, "adapter")
+    adapter_config = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    assert sorted(adapter_config["target_parameters"]) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert "gate" not in adapter_config["target_modules"]
+    weights = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    expert_tensors = [k for k in weights if ".experts." in k]
+    assert len(expert_tensors) == 2 * 2 * 2  # 2 layers x (gate_up_proj, down_proj) x (lora_A, lora_B)
+    assert all(float(weights[k].abs().sum()) > 0 for k in expert_tensors if "lora_B" in k)  # trained, not zero
+    assert not any("mlp.gate." in k for k in weights)
+    vals = [m["val_loss"] for m in read_metrics(os.path.join(config.output, "metrics.jsonl")) if "val_loss" in m]
+    assert vals[-1] < vals[0]
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_moe)
+    split = {r["id"]: r["split"] for r in pq.read_table(os.path.join(config.output, "split.parquet")).to_pylist()}
+    rows = [r for r in sorted(read_data(config), key=lambda r: r["id"]) if split[r["id"]] == "validation"]
+    val, _ = tokenize_rows(tokenizer, rows, config.max_length, soft=False)
+
+    def val_loss(model) -> float:
+        with torch.no_grad():
+            sums = [token_losses(model, collate([e], packed=True, pad_id=tokenizer.pad_token_id)) for e in val]
+        return sum(float(s) for s, _ in sums) / sum(n for _, n in sums)
+
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny_moe, dtype=torch.bfloat16 if summary["precision"] == "bf16-base" else torch.float32)
+    peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    assert val_loss(peft_model) == pytest.approx(summary["best_val_loss"], rel=1e-4)
+    merged = AutoModelForCausalLM.from_pretrained(os.path.join(config.output, "merged"), dtype=torch.float32).eval()
+    assert val_loss(merged) == pytest.approx(val_loss(peft_model), rel=1e-2)
+
+    prompts = [e.input_ids[:int(np.argmax(e.targets != -100)) + 1].tolist() for e in val[:4]]
+    expected = []
+    with torch.no_grad():
+        for p in prompts:
+            out = merged.generate(torch.tensor([p]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+            expected.append(out[0, len(p):].tolist())
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    (tmp_path / "serve.py").write_text(MERGED_VLLM_SCRIPT)
+    proc = subprocess.run([sys.executable, str(tmp_path / "serve.py"), os.path.join(config.output, "merged"),
+                           str(tmp_path / "prompts.json")], capture_output=True, text=True, timeout=400, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    assert json.loads(lines[-1][len("RESULT "):]) == expected
+
+
+def test_training_stops_early_when_the_selection_score_stops_improving(generated, tiny_model, tmp_path):
+    """With a learning rate too small to move anything, the second validation is no better than the first:
+    patience 1 stops there, checkpoints that step, and the summary says so."""
+    config = TrainConfig(data=generated, output=str(tmp_path / "early"), student=tiny_model, workers=1,
+                         per_device_batch_size=2, gradient_accumulation=1, max_steps=8, learning_rate=1e-12,
+                         eval_every=1, checkpoint_every=8, early_stopping_patience=1, validation_fraction=0.25)
+    summary = main(config)
+    assert summary["steps"] == 2 and summary["planned_steps"] == 8 and summary["stopped_early"]
+    assert summary["adapter_step"] == summary["best_step"] == 1
