@@ -133,6 +133,13 @@ class AttemptClock:
             except Exception:  # a flaky store must not kill the stage it only measures
                 pass
 
+    def total_s(self) -> float:
+        """Seconds of every attempt so far: the earlier ones' records plus this one's own time."""
+        import time
+
+        folder = self.path.rsplit("/_attempts/", 1)[0]
+        return attempts_wall_s(folder, exclude=self.path)["wall_s"] + time.monotonic() - self._t0
+
     def __enter__(self) -> "AttemptClock":
         self._write(None)
         self._thread.start()
@@ -144,11 +151,11 @@ class AttemptClock:
         self._write(exc_type is None)
 
 
-def attempts_wall_s(folder: str) -> dict:
-    """{wall_s: summed over every attempt, attempts: how many} from DIR/_attempts."""
+def attempts_wall_s(folder: str, exclude: Optional[str] = None) -> dict:
+    """{wall_s: summed over every attempt, attempts: how many} from DIR/_attempts (`exclude`: one record's path)."""
     from distill.storage import join, list_files, read_json
 
-    records = [read_json(f) for f in list_files(join(folder, "_attempts"), suffixes=(".json",))]
+    records = [read_json(f) for f in list_files(join(folder, "_attempts"), suffixes=(".json",)) if f != exclude]
     records = [r for r in records if r]
     return {"wall_s": round(sum(r["wall_s"] for r in records), 3), "attempts": len(records)}
 

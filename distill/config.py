@@ -6,6 +6,7 @@ Unknown keys are errors, so a typo in a YAML file fails loudly instead of silent
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,3 +59,20 @@ def load_config(cls: type[C], path: str | Path | None = None, **overrides: Any) 
     data = read_yaml(path) if path else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     return build_config(cls, data, str(path) if path else cls.__name__)
+
+
+def check_settings(path: str, settings: dict[str, Any], what: str) -> None:
+    """A stage's output holds the settings it was made with (`path`, JSON, local or URI). A rerun into it (to
+    resume, or finding it complete) must have the same ones: anything else would mix two runs or return a stale
+    result, so it is a ConfigError naming every changed field. First run: the settings are written."""
+    from distill.storage import read_json, write_json
+
+    settings = json.loads(json.dumps(settings, sort_keys=True, default=str))  # compare as stored
+    previous = read_json(path)
+    if previous is None:
+        write_json(path, settings)
+        return
+    if previous != settings:
+        changed = sorted(k for k in set(settings) | set(previous) if previous.get(k) != settings.get(k))
+        raise ConfigError(f"{path.rsplit('/', 1)[0]} already holds {what} made with different settings "
+                          f"({', '.join(changed)}); use a new output directory or delete this one")

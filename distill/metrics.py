@@ -255,3 +255,41 @@ def break_even_queries(fixed_cost: Optional[float], savings_per_query: Optional[
         return None
     # The relative nudge keeps float noise (4.0 / 0.001 = 4000.0000000000005) from adding a query.
     return max(0, math.ceil(fixed_cost / savings_per_query * (1 - 1e-12)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Agreement against its floor: chance, the commonest label, and the uncertainty of a small sample
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> Optional[tuple[float, float]]:
+    """95 % Wilson score interval of a proportion (sound at small n and near 0 or 1, unlike p +- z*sqrt(pq/n))."""
+    if n <= 0:
+        return None
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def cohen_kappa(predicted: Sequence[Optional[str]], reference: Sequence[Optional[str]]) -> Optional[float]:
+    """Chance-corrected agreement over the rows whose reference exists: (p_o - p_e) / (1 - p_e), p_e from the two
+    label distributions (an unparsed prediction is its own category, so it never agrees). None when undefined
+    (no rows, or both raters constant on one label: p_e = 1)."""
+    pairs = [(p if p is not None else NONE_LABEL, r) for p, r in zip(predicted, reference) if r is not None]
+    if not pairs:
+        return None
+    n = len(pairs)
+    observed = sum(p == r for p, r in pairs) / n
+    pred_counts, ref_counts = Counter(p for p, _ in pairs), Counter(r for _, r in pairs)
+    expected = sum(pred_counts[k] * ref_counts[k] for k in ref_counts) / (n * n)
+    if expected >= 1.0:
+        return None
+    return (observed - expected) / (1 - expected)
+
+
+def majority_agreement(reference: Sequence[Optional[str]]) -> dict:
+    """The floor: how often always answering the reference's commonest label would agree. {label, rate, n}."""
+    labels = [r for r in reference if r is not None]
+    if not labels:
+        return {"label": None, "rate": None, "n": 0}
+    label, count = Counter(labels).most_common(1)[0]
+    return {"label": label, "rate": count / len(labels), "n": len(labels)}

@@ -34,16 +34,23 @@ def id_hash(example_id: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_of(ids: list[str], validation_fraction: float, seed: int = 0) -> dict[str, str]:
-    """id -> "train" | "validation". With >= 2 ids there is at least one of each: the id with the lowest hash
-    is held out when the fraction alone would hold out none (and the highest trains when it would hold out all)."""
+def split_of(ids: list[str], validation_fraction: float, seed: int = 0, test_fraction: float = 0.0) -> dict[str, str]:
+    """id -> "train" | "validation" | "test". The hash of the id alone decides (more data never moves an id):
+    below test_fraction -> test, below test_fraction + validation_fraction -> validation, else train. Test ids are
+    for the evaluation only (training neither learns from them nor selects checkpoints on them). With enough ids
+    every requested part gets at least one: the lowest hashes go to the empty parts."""
     hashes = {i: id_hash(i, seed) for i in ids}
-    split = {i: "validation" if h < validation_fraction else "train" for i, h in hashes.items()}
-    if len(ids) >= 2:
-        if "validation" not in split.values():
-            split[min(hashes, key=hashes.get)] = "validation"
-        if "train" not in split.values():
-            split[max(hashes, key=hashes.get)] = "train"
+    split = {i: "test" if h < test_fraction else "validation" if h < test_fraction + validation_fraction
+             else "train" for i, h in hashes.items()}
+    wanted = [part for part, fraction in (("test", test_fraction), ("validation", validation_fraction))
+              if fraction > 0]
+    by_hash = sorted(ids, key=hashes.get)
+    for part in wanted:
+        train = [i for i in by_hash if split[i] == "train"]
+        if part not in split.values() and len(train) > 1:
+            split[train[0]] = part
+    if "train" not in split.values() and len(ids) >= 2:
+        split[by_hash[-1]] = "train"
     return split
 
 

@@ -24,7 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from distill.config import StrictModel
+from distill.checkpoints import AttemptClock
+from distill.config import ConfigError, StrictModel, check_settings
+from distill.sampling import teacher_sampling
 from distill.engine import EngineConfig, engine_facts, processor_config
 from distill.formats import DATA_SCHEMA, QUERY_SCHEMA, REJECT_SCHEMA
 from distill.inputs import read_queries
@@ -49,7 +51,10 @@ class GenerateConfig(StrictModel):
     max_tokens: Optional[int] = Field(None, ge=1, description="Override the task's teacher max_tokens.")
     samples: int = Field(1, ge=1, description="Teacher samples per query; >1 takes the majority answer.")
     retries: int = Field(2, ge=0, description="Extra attempts (new seed) for unparseable answers before rejecting.")
-    logprobs: int = Field(0, ge=0, le=20, description="Keep the teacher's top-k logprobs per answer token (0: off).")
+    logprobs: int = Field(
+        20, ge=0, le=20, description="Keep the teacher's top-k logprobs per answer token (0: off): the soft labels "
+        "training mixes in when the student shares the teacher's tokenizer. On by default: vLLM returns them "
+        "with the tokens it samples anyway (20 is vLLM's max_logprobs).")
     seed: int = Field(0, description="Engine sampling seed; attempt k uses seed + k.")
     rows_per_shard: int = Field(1000, ge=1, description="Rows per output Parquet shard.")
     flush_seconds: float = Field(60.0, gt=0, description="Write a shard at least this often while rows arrive.")
@@ -77,37 +82,25 @@ def attempt_dir(out: str, attempt: int) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Prepare
-def teacher_sampling(config: GenerateConfig, task: TaskSpec) -> dict[str, Any]:
-    params: dict[str, Any] = {
-        "temperature": config.temperature if config.temperature is not None else task.teacher.temperature,
-        "top_p": task.teacher.top_p,
-        "max_tokens": config.max_tokens or task.teacher.max_tokens,
+def settings_fingerprint(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any]) -> dict[str, Any]:
+    """Everything that changes what generation writes: a rerun into the same output must match it (see
+    distill.config.check_settings). Sharding, flushing, logging and the actor pool's size do not, and stay free."""
+    return {
+        "input": config.input, "limit": config.limit,
+        "columns": [config.text_column, config.id_column, config.label_column],
+        "task": task.model_dump(), "teacher": config.teacher, "sampling": sampling,
+        "samples": config.samples, "retries": config.retries, "seed": config.seed, "logprobs": config.logprobs,
+        "max_model_len": config.engine.max_model_len, "dtype": config.engine.dtype,
     }
-    choices = task.canonical_answers() if task.teacher.constrained else None
-    if choices:
-        params["structured_outputs"] = {"choice": choices}
-        params["max_tokens"] = max(params["max_tokens"], TaskSpec.choice_budget(choices))
-    if config.logprobs:
-        params["logprobs"] = config.logprobs
-    return params
 
 
 def prepare(config: GenerateConfig, task: TaskSpec, tokenizer, sampling: dict[str, Any]) -> dict[str, Any]:
-    """Check every input row and stage the valid queries. Idempotent: done once per output directory."""
+    """Check every input row and stage the valid queries. Idempotent: done once per output directory (whose
+    settings `main` has already checked)."""
     out = config.output
     marker = work_dir(out, "prepared.json")
-    fingerprint = {
-        "input": config.input, "task": task.name, "teacher": config.teacher, "limit": config.limit,
-        "columns": [config.text_column, config.id_column, config.label_column],
-        "max_model_len": config.engine.max_model_len, "max_tokens": sampling["max_tokens"],
-    }
     done = read_json(marker)
     if done is not None:
-        if done["fingerprint"] != fingerprint:
-            changed = sorted(k for k in fingerprint if done["fingerprint"].get(k) != fingerprint[k])
-            raise ValueError(
-                f"{out} already holds a run with different settings ({', '.join(changed)}); "
-                f"use a new output directory or delete this one")
         return done
     # A prepare that died half-way left partial staging: start it over (it is deterministic).
     remove(work_dir(out))
@@ -119,7 +112,7 @@ def prepare(config: GenerateConfig, task: TaskSpec, tokenizer, sampling: dict[st
     prompt_tokens = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
     budget = config.engine.max_model_len - sampling["max_tokens"] - prompt_tokens
     if budget <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"the task prompt alone takes {prompt_tokens} tokens and answers {sampling['max_tokens']}, more than "
             f"engine.max_model_len={config.engine.max_model_len}; raise max_model_len")
 
@@ -156,7 +149,7 @@ def prepare(config: GenerateConfig, task: TaskSpec, tokenizer, sampling: dict[st
                     check_lengths()
         check_lengths()
     result = {
-        "fingerprint": fingerprint, "rows_in": stats["rows_in"], "queries": stats["queries"],
+        "rows_in": stats["rows_in"], "queries": stats["queries"],
         "rejected_at_input": stats["rejected"], "prompt_tokens": prompt_tokens, "seconds": time.monotonic() - t0,
     }
     write_json(marker, result)
@@ -395,22 +388,31 @@ def account(config: GenerateConfig, prepared: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(config: GenerateConfig) -> dict[str, Any]:
+    out = config.output
+    manifest_path = join(out, "manifest.json")
+    task = load_task(config.task)
+    sampling = teacher_sampling(task, config.temperature, config.max_tokens, config.logprobs)
+    # Before anything is reused: a complete or partial output made with other settings is an error, not a skip.
+    check_settings(join(out, "settings.json"), settings_fingerprint(config, task, sampling), "a generation run")
+    existing = read_json(manifest_path)
+    if existing is not None and existing.get("complete"):
+        log.info("%s is complete already (%d rows written); nothing to do", out, existing["rows_written"])
+        return existing
+    with AttemptClock(out) as clock:
+        return _generate(config, task, sampling, clock)
+
+
+def _generate(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any], clock: AttemptClock) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from distill.ray_init import init_ray
 
     out = config.output
     manifest_path = join(out, "manifest.json")
-    task = load_task(config.task)
-    existing = read_json(manifest_path)
-    if existing is not None and existing.get("complete"):
-        log.info("%s is complete already (%d rows written); nothing to do", out, existing["rows_written"])
-        return existing
     t0 = time.monotonic()
     for d in (data_dir(out), rejects_dir(out)):
         clean_temporaries(d)
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
-    sampling = teacher_sampling(config, task)
     prepared = prepare(config, task, tokenizer, sampling)
 
     attempts = {}
@@ -434,6 +436,8 @@ def main(config: GenerateConfig) -> dict[str, Any]:
         "constrained": "structured_outputs" in sampling,
         "samples": config.samples, "retries": config.retries, "engine": engine,
         "timings": {"prepare_s": round(prepared["seconds"], 3), "total_s_this_run": round(time.monotonic() - t0, 3),
+                    # Every attempt (a preempted run and its rerun) counts towards generation's cost.
+                    "total_s_all_attempts": round(clock.total_s(), 3),
                     "attempts": attempts},
         "config": config.model_dump(),
     }

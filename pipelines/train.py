@@ -34,7 +34,7 @@ from pydantic import Field
 
 from distill.checkpoints import (AttemptClock, MetricsLog, attempts_wall_s, load_checkpoint, read_metrics,
                                  save_checkpoint)
-from distill.config import ConfigError, StrictModel
+from distill.config import ConfigError, StrictModel, check_settings
 from distill.models import default_model_dir
 from distill.storage import join, list_files, read_columns, read_json, resolve, staged_dir, write_json, write_table
 
@@ -70,6 +70,9 @@ class TrainConfig(StrictModel):
     validation_fraction: float = Field(
         0.1, ge=0, lt=1, description="Fraction of ids held out for validation (by id hash; at least 1 with >= 2 "
         "rows, unless 0: no validation at all).")
+    test_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Fraction of ids held out for the evaluation alone (by id hash): training "
+        "neither learns from them nor picks checkpoints on them, so `distill eval` scores a clean test split.")
     split_seed: int = Field(0, description="Salt of the id hash that decides the split.")
     exclude_ids: Optional[str] = Field(
         None, description="A Parquet file or folder (local or URI) with an `id` column: those ids never train (for "
@@ -191,8 +194,7 @@ def prepare(config: TrainConfig, tokenizer, fs, out_path: str) -> dict[str, Any]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{config.data}: duplicate ids; the split by id needs unique ids")
     excluded = set(read_columns(config.exclude_ids, ["id"]).column("id").to_pylist()) if config.exclude_ids else set()
-    split = split_of(ids, config.validation_fraction, config.split_seed) if config.validation_fraction > 0 \
-        else dict.fromkeys(ids, "train")
+    split = split_of(ids, config.validation_fraction, config.split_seed, config.test_fraction)
     split.update({i: "excluded" for i in excluded if i in split})
     ordered = sorted(ids)
     write_table(join(config.output, "split.parquet"),
@@ -233,7 +235,8 @@ def prepare(config: TrainConfig, tokenizer, fs, out_path: str) -> dict[str, Any]
         "step_examples": [sum(len(micro) for rank in s for micro in rank) for s in plan.steps],
         "steps_per_epoch": -(-len(train) // (config.per_device_batch_size * config.gradient_accumulation
                                              * config.workers)),
-        "split": {"train": len(train_rows), "validation": len(val_rows), "excluded": len(excluded & set(ids))},
+        "split": {"train": len(train_rows), "validation": len(val_rows),
+                  "test": sum(s == "test" for s in split.values()), "excluded": len(excluded & set(ids))},
         "examples": {"train": len(train), "validation": len(val)},
         "skipped": dict(skipped), "soft_weight": soft_weight, "soft_labels": soft_why, "soft_examples": soft_examples,
         "padding_waste": padding_waste(micro_lengths, config.packing),
@@ -539,15 +542,8 @@ def main(config: TrainConfig) -> dict[str, Any]:
 
 def check_rerun(config: TrainConfig) -> None:
     """A rerun into the same OUT resumes (or finds it complete); it must then train the same thing."""
-    path = join(config.output, "train_run.json")
-    fingerprint = {k: v for k, v in config.model_dump().items() if k not in RERUN_FREE}
-    previous = read_json(path)
-    if previous is not None and previous != fingerprint:
-        changed = sorted(k for k in set(fingerprint) | set(previous) if previous.get(k) != fingerprint.get(k))
-        raise ConfigError(f"{config.output} already holds a training run with different settings "
-                          f"({', '.join(changed)}); use a new output directory or delete this one")
-    if previous is None:
-        write_json(path, fingerprint)
+    check_settings(join(config.output, "train_run.json"),
+                   {k: v for k, v in config.model_dump().items() if k not in RERUN_FREE}, "a training run")
 
 
 def add_cli(subparsers) -> None:

@@ -185,3 +185,27 @@ def test_engine_environment_reaches_the_engine_actors(tiny_model):
                                            env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}), tiny_model)
     assert config.runtime_env == {"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}}
     assert processor_config(EngineConfig(device="cpu"), tiny_model).runtime_env is None
+
+
+def test_rerun_with_changed_settings_is_refused_and_free_options_stay_free(tmp_path, ray_cluster, tiny_model):
+    """A finished --limit 5 output rerun with --limit 8 (or another temperature, or another task prompt) is an
+    error naming the changed settings, not a silent return of the old 5 rows; sharding options may change."""
+    from distill.config import ConfigError
+
+    source = write_jsonl(tmp_path / "q.jsonl", [{"id": r["id"], "text": r["text"]} for r in SAMPLE[:10]])
+    out = str(tmp_path / "gen")
+    config = GenerateConfig(input=source, output=out, teacher=tiny_model, limit=5)
+    assert main(config)["rows_in"] == 5
+    with pytest.raises(ConfigError, match=r"different settings \(limit\)"):
+        main(config.model_copy(update={"limit": 8}))
+    with pytest.raises(ConfigError, match=r"\(sampling\)"):
+        main(config.model_copy(update={"temperature": 0.9}))
+    task = tmp_path / "task.yaml"
+    spec = load_task("language-id").model_dump()
+    spec["prompt"]["system"] += "\nOne more rule."
+    task.write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match=r"\(task\)"):
+        main(config.model_copy(update={"task": str(task)}))
+    again = main(GenerateConfig(**{**config.model_dump(), "rows_per_shard": 3, "flush_seconds": 5,
+                                   "engine": {"batch_size": 2}}))
+    assert again["rows_written"] + again["rows_rejected"] == 5

@@ -190,6 +190,19 @@ def student_engine() -> dict:
     return serve.get_deployment_handle("student", app_name="distill").info.remote().result(timeout_s=60)
 
 
+def stream_until_the_engine_holds_it(response) -> tuple[int, int]:
+    """Read the stream until the engine reports the request in flight (checked after each piece of content);
+    returns (pieces read, unfinished requests then)."""
+    pieces = 0
+    for line in response.iter_lines():
+        assert line != "data: [DONE]", f"the answer ended after {pieces} pieces, before the client went away"
+        if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+            pieces += 1
+            if (unfinished := student_engine()["unfinished_requests"]) == 1:
+                return pieces, unfinished
+    raise AssertionError(f"the stream ended without [DONE] after {pieces} pieces")
+
+
 def test_a_streaming_client_that_disconnects_mid_answer_frees_the_engine_request(server):
     from ray import serve
 
@@ -202,14 +215,8 @@ def test_a_streaming_client_that_disconnects_mid_answer_frees_the_engine_request
     with httpx.Client(base_url=server, headers=AUTH, timeout=60) as client:
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.status_code == 200
-            pieces = 0
-            for line in response.iter_lines():
-                assert line != "data: [DONE]", "the answer ended before the client went away"
-                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                    pieces += 1
-                    if pieces == 3:
-                        break
-            assert student_engine()["unfinished_requests"] == 1  # the engine is still generating it
+            pieces, unfinished = stream_until_the_engine_holds_it(response)
+            assert unfinished == 1  # the engine is generating it
     # The connection is closed mid-answer.
     deadline = time.monotonic() + 30
     while (after := student_engine())["unfinished_requests"] and time.monotonic() < deadline:
@@ -394,8 +401,9 @@ def test_load_300_requests_at_concurrency_16_has_no_5xx(server):
 def test_load_500_routed_requests_at_concurrency_16_has_no_5xx_and_bad_requests_get_4xx(server):
     """The routed model under load, with malformed, oversized and keyless requests mixed in: every good request
     answers 200 (no 5xx), every bad one its 4xx, and the client-side p50/p95 are printed (the serving README's
-    load figures come from this test)."""
-    set_share(server, 0.5, shadow=0.2)
+    load figures come from this test). No shadowing: this student disagrees by design and would be rolled back
+    half-way, which the rollback tests cover; here the split stays at one half throughout."""
+    set_share(server, 0.5, shadow=0.0)
     # (body, headers, expected status; None: a good request)
     items = [(json.dumps(chat("routed", QUERIES[i % len(QUERIES)], user=f"load500-{i}", max_tokens=8,
                               stream=(i % 5 == 0))).encode(), AUTH, None) for i in range(500)]
@@ -455,7 +463,8 @@ def kill_replicas(deployment: str) -> int:
     import ray
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:distill:{deployment}"), ("state", "=", "ALIVE")])
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,  # this session's cluster, no other
+                         filters=[("class_name", "=", f"ServeReplica:distill:{deployment}"), ("state", "=", "ALIVE")])
     for actor in actors:
         ray.kill(ray.get_actor(actor.name, namespace="serve"), no_restart=True)
     return len(actors)

@@ -158,6 +158,11 @@ def test_split_is_deterministic_by_id_and_holds_out_at_least_one():
         assert Counter(split_of(ids[:n], 0.1).values())["validation"] >= 1
         assert Counter(split_of(ids[:n], 0.1).values())["train"] >= 1
     assert split_of(["only"], 0.1) == {"only": "train"}
+    # A test part for the evaluation alone: disjoint from validation, the same ids at any data size.
+    three = split_of(ids, 0.1, test_fraction=0.1)
+    assert 0.08 < Counter(three.values())["test"] / len(ids) < 0.12
+    assert split_of(ids[:500], 0.1, test_fraction=0.1) == {i: three[i] for i in ids[:500]}
+    assert Counter(split_of(ids[:3], 0.1, test_fraction=0.1).values()) == {"train": 1, "validation": 1, "test": 1}
 
 
 def test_prepare_never_trains_on_held_out_ids(tmp_path, tiny_model, tokenizer):
@@ -168,8 +173,8 @@ def test_prepare_never_trains_on_held_out_ids(tmp_path, tiny_model, tokenizer):
                          epochs=2)
     prepared = run_prepare(config, tokenizer)
     split = {r["id"]: r["split"] for r in pq.read_table(tmp_path / "out" / "split.parquet").to_pylist()}
-    assert set(split) == {r["id"] for r in rows} and set(split.values()) == {"train", "validation"}
-    held_out = {i for i, s in split.items() if s == "validation"}
+    assert set(split) == {r["id"] for r in rows} and set(split.values()) == {"train", "validation", "test"}
+    held_out = {i for i, s in split.items() if s != "train"}
     # Each worker streams its own shard: the two ranks together hold every training example, twice (2 epochs),
     # and no held-out one; every step has the same number of micro-batches on every rank.
     shards = shard_contents(prepared, accumulation=2)
@@ -177,8 +182,9 @@ def test_prepare_never_trains_on_held_out_ids(tmp_path, tiny_model, tokenizer):
     assert Counter(trained) == {i: 2 for i in set(split) - held_out}
     assert all(len(micros) == 2 for rank in shards for _, micros in rank)
     fs, _ = resolve(prepared["validation"])
-    assert {e.id for e in read_examples(fs, prepared["validation"])} == held_out
-    assert prepared["split"] == {"train": len(rows) - len(held_out), "validation": len(held_out), "excluded": 0}
+    assert {e.id for e in read_examples(fs, prepared["validation"])} == {i for i, s in split.items() if s == "validation"}
+    assert prepared["split"] == {"train": len(rows) - len(held_out), "excluded": 0,
+                                 **{part: sum(s == part for s in split.values()) for part in ("validation", "test")}}
     assert shard_contents(run_prepare(config, tokenizer), 2) == shards  # deterministic
     # A resumed worker starts at its step: the stream from step 3 is the tail of the whole stream.
     fs, _ = resolve(prepared["shards"][1])
@@ -190,7 +196,8 @@ def test_excluded_ids_never_train(tmp_path, tiny_model, tokenizer):
     rows = [{"id": f"r{i:03d}", "text": t, "messages": chat(t, "Final Answer: en")} for i, t in enumerate(TEXTS * 4)]
     pq.write_table(pa.table({"id": ["r001", "r002", "not-in-data"]}), tmp_path / "held.parquet")
     config = TrainConfig(data=write_data(tmp_path / "gen", rows), output=str(tmp_path / "out"), student=tiny_model,
-                         validation_fraction=0, exclude_ids=str(tmp_path / "held.parquet"), per_device_batch_size=2,
+                         validation_fraction=0, test_fraction=0, exclude_ids=str(tmp_path / "held.parquet"),
+                         per_device_batch_size=2,
                          gradient_accumulation=1)
     prepared = run_prepare(config, tokenizer)
     trained = {i for rank in shard_contents(prepared, 1) for _, micros in rank for micro in micros for i in micro}
@@ -241,7 +248,7 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, tiny_model, tokenizer):
         {"id": "long", "text": "y", "messages": chat(" ".join(["word"] * 400), "Final Answer: en")},
     ]
     config = TrainConfig(data=write_data(tmp_path / "gen", good + bad), output=str(tmp_path / "out"),
-                         student=tiny_model, max_length=128, validation_fraction=0)
+                         student=tiny_model, max_length=128, validation_fraction=0, test_fraction=0)
     prepared = run_prepare(config, tokenizer)
     assert prepared["skipped"] == {"no assistant turn": 1, "empty assistant turn": 1, "longer than max_length": 1}
     assert {i for rank in shard_contents(prepared, 4) for _, ms in rank for m in ms for i in m} == {r["id"] for r in good}
@@ -324,7 +331,7 @@ def test_soft_labels_that_align_with_no_example_are_an_error(tmp_path, tiny_mode
              "teacher_token_ids": tokenizer("Something else", add_special_tokens=False)["input_ids"],
              "topk_ids": [[5]] * 2, "topk_logprobs": [[-0.1]] * 2} for i, t in enumerate(TEXTS)]
     config = TrainConfig(data=write_data(tmp_path / "gen", rows), output=str(tmp_path / "out"), student=tiny_model,
-                         validation_fraction=0)
+                         validation_fraction=0, test_fraction=0)
     with pytest.raises(TrainDataError, match="align with the answer of no training example"):
         run_prepare(config, tokenizer)
 

@@ -74,8 +74,8 @@ def test_two_worker_fsdp_run_learns_and_writes_the_contract(reference, generated
     assert metrics[-1]["examples"] == 4 * summary["examples"]["train"]
 
     split = pq.read_table(os.path.join(out, "split.parquet")).to_pylist()
-    counts = {s: sum(r["split"] == s for r in split) for s in ("train", "validation")}
-    assert summary["split"] == {**counts, "excluded": 0} and counts["validation"] >= 1
+    counts = {s: sum(r["split"] == s for r in split) for s in ("train", "validation", "test")}
+    assert summary["split"] == {**counts, "excluded": 0} and counts["validation"] >= 1 and counts["test"] >= 1
     assert summary["soft_examples"] > 0  # generation kept top-k, so soft labels were used
     assert summary["padding_waste"] == 0.0 and summary["padding_waste_unpacked"] > 0
     assert summary["task"] == "language-id" and summary["teacher"] == config.student

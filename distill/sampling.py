@@ -1,0 +1,47 @@
+"""Sampling parameters for a task, in one place: what the teacher, the students and the serving arms send to vLLM.
+
+Every function returns a plain dict of `vllm.SamplingParams` fields (what a `ray.data.llm` row's
+`sampling_params` holds); `guided_choice` is the one definition of constrained decoding to a set of answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from distill.tasks import TaskSpec
+
+
+def guided_choice(choices: list[str], max_tokens: int) -> dict[str, Any]:
+    """Constrain decoding to one of `choices`, with a token budget that fits any of them however the model spells
+    it (TaskSpec.choice_budget: counted in bytes; the grammar ends decoding once an answer is complete)."""
+    return {"structured_outputs": {"choice": list(choices)},
+            "max_tokens": max(max_tokens, TaskSpec.choice_budget(choices))}
+
+
+def teacher_sampling(task: TaskSpec, temperature: Optional[float] = None, max_tokens: Optional[int] = None,
+                     logprobs: int = 0) -> dict[str, Any]:
+    """The teacher's request: the task's sampling defaults (overridable), guided to the canonical answers when the
+    task constrains its teacher, and its top-k logprobs per answer token when asked for (soft labels)."""
+    params: dict[str, Any] = {
+        "temperature": task.teacher.temperature if temperature is None else temperature,
+        "top_p": task.teacher.top_p,
+        "max_tokens": max_tokens or task.teacher.max_tokens,
+    }
+    choices = task.canonical_answers() if task.teacher.constrained else None
+    if choices:
+        params.update(guided_choice(choices, params["max_tokens"]))
+    if logprobs:
+        params["logprobs"] = logprobs
+    return params
+
+
+def student_sampling(task: TaskSpec, max_tokens: int, constrained: bool = False, logprobs: int = 0) -> dict[str, Any]:
+    """A student's request: greedy, no prompt; guided to the label set only when asked (a student that needs the
+    guidance has not fully learned the task); each answer token's logprob when asked (its confidence)."""
+    params: dict[str, Any] = {"temperature": 0.0, "max_tokens": max_tokens}
+    choices = task.canonical_answers()
+    if constrained and choices:
+        params.update(guided_choice(choices, max_tokens))
+    if logprobs:
+        params["logprobs"] = logprobs
+    return params

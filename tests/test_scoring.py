@@ -1,0 +1,87 @@
+"""Teacher-forced scoring on a real vLLM engine equals the log-likelihood transformers computes for the same
+tokens, with the long task prompt (prefix-cached) and without, and returns the model's top-k at every step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from distill.scoring import read_scores, scoring_sampling
+
+ENGINE_SCRIPT = textwrap.dedent("""
+    import json, sys
+
+    if __name__ == "__main__":  # vLLM's engine runs in a spawned process
+        from vllm import LLM, SamplingParams
+
+        from distill.engine import EngineConfig, engine_kwargs
+        from distill.scoring import ENGINE_ARGS, read_scores, scoring_sampling
+
+        model, cases_path = sys.argv[1], sys.argv[2]
+        cases = json.load(open(cases_path))
+        engine = EngineConfig(max_model_len=4096, kv_cache_memory_bytes=128 * 1024**2)
+        llm = LLM(model=model, seed=0, **engine_kwargs(engine, "cpu", **ENGINE_ARGS))
+        prompts = [{"prompt_token_ids": c["prompt"]} for c in cases]
+        params = [SamplingParams(**scoring_sampling(c["answer"], top_k=5)) for c in cases]
+        outputs = llm.generate(prompts, params)
+        print("RESULT " + json.dumps([
+            {"tokens": list(o.outputs[0].token_ids), **read_scores(o.outputs[0].logprobs, c["answer"], 5)}
+            for o, c in zip(outputs, cases)]))
+""")
+
+
+def test_forced_decoding_scores_given_tokens_exactly(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.tasks import load_task
+
+    task = load_task("language-id")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    cases = []
+    for messages in (task.teacher_messages("Jeder hat das Recht auf Leben."),  # the long prompt, cached
+                     task.teacher_messages("Toute personne a droit à la vie."),
+                     task.student_messages("Everyone has the right to life.")):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        # An answer the random model would never write itself: forced, not sampled.
+        answer = tokenizer("Final Answer: de", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        cases.append({"prompt": prompt, "answer": answer})
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    (tmp_path / "engine.py").write_text(ENGINE_SCRIPT)
+    proc = subprocess.run([sys.executable, str(tmp_path / "engine.py"), tiny_model, str(tmp_path / "cases.json")],
+                          capture_output=True, text=True, timeout=400, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    results = json.loads(lines[-1][len("RESULT "):])
+    for case, result in zip(cases, results):
+        assert result["tokens"] == case["answer"]  # the engine emitted exactly the given tokens, EOS included
+        ids = torch.tensor([case["prompt"] + case["answer"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        start = len(case["prompt"])
+        expected = [float(logp[start - 1 + i, t]) for i, t in enumerate(case["answer"])]
+        assert result["token_logprobs"] == pytest.approx(expected, abs=2e-3)
+        for i, (top_ids, top_lps) in enumerate(zip(result["topk_ids"], result["topk_logprobs"])):
+            assert len(top_ids) == 5 and top_lps == sorted(top_lps, reverse=True)
+            assert top_ids[0] == int(logp[start - 1 + i].argmax())
+
+
+def test_missing_or_unforced_logprobs_are_errors():
+    assert scoring_sampling([5, 6], top_k=3)["max_tokens"] == 2
+    with pytest.raises(ValueError, match="nothing to score"):
+        scoring_sampling([])
+    with pytest.raises(RuntimeError, match="ENGINE_ARGS"):
+        read_scores(None, [5])
+    with pytest.raises(RuntimeError, match="no logprob"):
+        read_scores([{7: {"logprob": -0.1, "rank": 1}}], [5])
+    scores = read_scores([{5: {"logprob": -2.0, "rank": 3}, 7: {"logprob": -0.1, "rank": 1},
+                           9: {"logprob": -1.0, "rank": 2}}], [5], top_k=2)
+    assert scores == {"token_logprobs": [-2.0], "topk_ids": [[7, 9]], "topk_logprobs": [[-0.1, -1.0]]}
