@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 from typing import Any, Iterable, Literal, Optional
 
 from pydantic import Field, model_validator
@@ -9,6 +12,8 @@ from pydantic import Field, model_validator
 from distill.config import ConfigError, StrictModel
 from distill.hardware import cpu_flags, engine_dtype
 from distill.storage import join, read_json
+
+log = logging.getLogger("distill.engine")
 
 
 CPU_BLOCK_SIZE = 32  # the smallest KV block vLLM's CPU attention takes (multiples of 32)
@@ -114,8 +119,10 @@ def engine_env(config: EngineConfig) -> dict[str, str]:
 
 
 def processor_config(config: EngineConfig, model: str, chat_template_kwargs: Optional[dict] = None,
-                     **extra_engine_kwargs: Any):
-    """A `ray.data.llm` vLLM processor config: an autoscaling actor pool of engines over `model`."""
+                     lora_root: Optional[str] = None, **extra_engine_kwargs: Any):
+    """A `ray.data.llm` vLLM processor config: an autoscaling actor pool of engines over `model` (a local folder,
+    a hub name or an object-store URI, which each engine's node downloads). `lora_root`: an object-store folder
+    whose sub-folders are adapters, fetched by the engine that serves them."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
     from distill.hardware import cluster_cpu_flags
@@ -137,6 +144,7 @@ def processor_config(config: EngineConfig, model: str, chat_template_kwargs: Opt
         max_concurrent_batches=config.max_concurrent_batches,
         placement_group_config=placement,
         should_continue_on_error=config.continue_on_error,
+        dynamic_lora_loading_path=lora_root,
         runtime_env={"env_vars": env} if env else None,
         # Templating and (de)tokenizing are light: a fraction of a CPU each leaves the cores to the engines.
         chat_template_stage={"num_cpus": config.side_stage_cpus, "chat_template_kwargs": chat_template_kwargs},
@@ -170,3 +178,86 @@ def vllm_max_lora_rank(ranks: list[int]) -> int:
         if allowed >= need:
             return allowed
     raise ConfigError(f"LoRA rank {need} is above vLLM's maximum {VLLM_LORA_RANKS[-1]}")
+
+
+def adapter_request_model(adapter: str) -> tuple[str, Optional[str]]:
+    """(the `model` a ray.data.llm row names to get `adapter` applied, the processor's lora_root): a local folder
+    by its absolute path; an object-store adapter by its folder name under its parent URI, which the engine's node
+    downloads (ray.data.llm refuses URIs as row models)."""
+    import os
+
+    if "://" in adapter:
+        parent, _, name = adapter.rstrip("/").rpartition("/")
+        return name, parent
+    return os.path.abspath(adapter), None
+
+
+def run_requests(name: str, requests: list[dict], model: str, config: EngineConfig,
+                 chat_template_kwargs: Optional[dict] = None, adapter: Optional[str] = None,
+                 **extra_engine_kwargs: Any) -> tuple[dict[str, dict], float]:
+    """One `ray.data.llm` engine pass over request rows {key, messages, sampling_params} (any mix of generation
+    and scoring requests: distill.scoring), through `adapter` when given. Returns ({key: result}, wall seconds
+    with start-up). A result: generated_text, generated_tokens, token_logprobs / topk_ids / topk_logprobs (when
+    the request asked for logprobs), token counts, latency_s, queue_s, ttft_s, decode_s, error."""
+    import ray
+    from ray.data.llm import build_processor
+
+    from distill.sampling import complete
+    from distill.scoring import read_scores
+
+    lora_model, lora_root = adapter_request_model(adapter) if adapter else (None, None)
+    if adapter:
+        extra_engine_kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank([adapter_rank(adapter)]),
+                                   max_loras=1)
+    top_k = max((r["sampling_params"].get("logprobs") or 0) for r in requests) if requests else 0
+
+    def preprocess(row: dict) -> dict:
+        out = {"messages": row["messages"], "sampling_params": row["sampling_params"]}
+        if lora_model:
+            out["model"] = lora_model
+        return out
+
+    def postprocess(row: dict) -> dict:
+        stats = row.get("metrics") or {}
+
+        def span(start: str, end: str) -> Optional[float]:
+            a, b = stats.get(start), stats.get(end)
+            return float(b - a) if a and b and b >= a else None
+
+        tokens = [int(t) for t in (row.get("generated_tokens") or [])]
+        error = row.get("__inference_error__") or None
+        scores = read_scores(row["logprobs"], tokens, top_k) if row.get("logprobs") is not None and tokens \
+            and not error else {}
+        taken = row.get("time_taken_llm")
+        return {
+            "key": row["key"], "generated_text": row.get("generated_text") or "", "generated_tokens": tokens,
+            "token_logprobs": scores.get("token_logprobs"), "topk_ids": scores.get("topk_ids"),
+            "topk_logprobs": scores.get("topk_logprobs"),
+            "num_input_tokens": int(row.get("num_input_tokens") or 0),
+            "num_generated_tokens": int(row.get("num_generated_tokens") or 0),
+            # ray.data.llm's time_taken_llm: from handing the request to the engine until its last token
+            # (-1 for a failed request).
+            "latency_s": float(taken) if taken is not None and taken >= 0 else None,
+            # vLLM's own engine-core timestamps, where the engine reports them.
+            "queue_s": span("queued_ts", "scheduled_ts"), "ttft_s": span("queued_ts", "first_token_ts"),
+            "decode_s": span("first_token_ts", "last_token_ts"), "error": error,
+        }
+
+    log.info("%s: %d requests on %s%s", name, len(requests), model, f" + LoRA {adapter}" if adapter else "")
+    processor = build_processor(
+        processor_config(config, model, chat_template_kwargs=chat_template_kwargs, lora_root=lora_root,
+                         **extra_engine_kwargs),
+        preprocess=preprocess, postprocess=postprocess,
+        preprocess_map_kwargs={"num_cpus": config.side_stage_cpus},
+        postprocess_map_kwargs={"num_cpus": config.side_stage_cpus},
+    )
+    t0 = time.monotonic()
+    ds = ray.data.from_items([{"key": r["key"], "messages": r["messages"],
+                               "sampling_params": complete(r["sampling_params"])} for r in requests])
+    results = {out["key"]: out for out in processor(ds).iter_rows()}
+    wall = time.monotonic() - t0
+    missing = {r["key"] for r in requests} - set(results)
+    if missing:
+        raise RuntimeError(f"{name}: {len(missing)} requests came back without an answer, e.g. {sorted(missing)[:3]}")
+    log.info("%s: done in %.1fs", name, wall)
+    return results, wall

@@ -57,14 +57,6 @@ def parse_rate(answers: Sequence[Optional[str]]) -> Optional[float]:
     return ratio(sum(a is not None for a in answers), len(answers))
 
 
-def agreement(predicted: Sequence[Optional[str]], reference: Sequence[Optional[str]]) -> Optional[float]:
-    """Fraction of rows where both answers exist and are equal. A None on either side is a disagreement: if the
-    teacher itself failed to answer, the student cannot be said to have agreed with it."""
-    if len(predicted) != len(reference):
-        raise ValueError(f"length mismatch: {len(predicted)} predictions, {len(reference)} references")
-    return ratio(sum(p is not None and p == r for p, r in zip(predicted, reference)), len(predicted))
-
-
 def accuracy(predicted: Sequence[Optional[str]], gold: Sequence[Optional[str]]) -> dict:
     """Accuracy against gold labels over the rows that have one (gold not None). An unparsed prediction is wrong.
     Returns {"accuracy", "n"}; accuracy is None when no row has a gold label."""
@@ -125,20 +117,7 @@ def per_label_scores(reference: Sequence[Optional[str]], predicted: Sequence[Opt
 
 # ----------------------------------------------------------------------------------------------------------------
 # Free text
-_WS = re.compile(r"\s+")
 _WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def normalize_text(text: Optional[str]) -> str:
-    """Strip and collapse runs of whitespace; case and punctuation are kept (they are part of the answer)."""
-    return _WS.sub(" ", text or "").strip()
-
-
-def exact_match(predicted: Optional[str], reference: Optional[str]) -> bool:
-    """Equal after whitespace normalisation; a missing answer on either side never matches."""
-    if predicted is None or reference is None:
-        return False
-    return normalize_text(predicted) == normalize_text(reference)
 
 
 def words(text: Optional[str]) -> list[str]:
@@ -184,17 +163,6 @@ def rouge_l(predicted: Optional[str], reference: Optional[str]) -> float:
     return _overlap_f1(lcs_length, predicted, reference)
 
 
-def text_similarity(predicted: Sequence[Optional[str]], reference: Sequence[Optional[str]]) -> dict:
-    """Mean exact match, token F1 and ROUGE-L of predictions against references, row by row."""
-    if len(predicted) != len(reference):
-        raise ValueError(f"length mismatch: {len(predicted)} predictions, {len(reference)} references")
-    return {
-        "exact_match": mean(float(exact_match(p, r)) for p, r in zip(predicted, reference)),
-        "token_f1": mean(token_f1(p, r) for p, r in zip(predicted, reference)),
-        "rouge_l": mean(rouge_l(p, r) for p, r in zip(predicted, reference)),
-    }
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Prompt absorption
 def mean_nll(nll_sums: Sequence[float], token_counts: Sequence[int]) -> Optional[float]:
@@ -229,32 +197,6 @@ def gap_closed(a: Optional[float], b: Optional[float], c: Optional[float]) -> di
                                         f"(a - b = {gap:.4f} nats); gap closed divides by that small difference "
                                         f"and is unstable"}
     return {"value": value, "note": None}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Cost
-def request_cost(prompt_tokens: Optional[float], output_tokens: Optional[float], input_per_million: float,
-                 output_per_million: float) -> Optional[float]:
-    """Dollars for one request with the given (mean) token counts at the given prices per million tokens."""
-    if prompt_tokens is None or output_tokens is None:
-        return None
-    return (prompt_tokens * input_per_million + output_tokens * output_per_million) / 1e6
-
-
-def training_cost(wall_s: Optional[float], price_per_worker_hour: float, workers: int) -> Optional[float]:
-    """Dollars for a training run: measured wall time x workers x the price of one worker-hour."""
-    if wall_s is None:
-        return None
-    return wall_s / 3600 * price_per_worker_hour * max(1, workers)
-
-
-def break_even_queries(fixed_cost: Optional[float], savings_per_query: Optional[float]) -> Optional[int]:
-    """Queries after which the per-query savings have paid the fixed cost (rounded up). None when the student
-    saves nothing per query (it never pays off) or either number is unknown."""
-    if fixed_cost is None or savings_per_query is None or savings_per_query <= 0:
-        return None
-    # The relative nudge keeps float noise (4.0 / 0.001 = 4000.0000000000005) from adding a query.
-    return max(0, math.ceil(fixed_cost / savings_per_query * (1 - 1e-12)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -45,3 +45,17 @@ def student_sampling(task: TaskSpec, max_tokens: int, constrained: bool = False,
     if logprobs:
         params["logprobs"] = logprobs
     return params
+
+
+# Every field a request may set, with vLLM's own defaults: rows of one Ray Data pass carry the same keys, so that
+# generation and scoring requests sit in one Arrow table (a missing field would become null, which vLLM rejects).
+DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 16, "min_tokens": 0, "ignore_eos": False,
+                            "logprobs": None, "skip_special_tokens": True, "extra_args": None,
+                            "structured_outputs": None}
+
+
+def complete(params: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(params) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"sampling fields {sorted(unknown)} are not among distill.sampling.DEFAULTS")
+    return {**DEFAULTS, **params}

@@ -149,10 +149,16 @@ def staged_dir(uri: str) -> Iterator[str]:
     try:
         yield tmp
         remove(uri)
-        fs.create_dir(path, recursive=True)
-        pafs.copy_files(tmp, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        upload_dir(tmp, uri)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def upload_dir(local: str, uri: str) -> None:
+    """Copy the files of a local folder into the folder `uri` (created if needed; other files there stay)."""
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 @contextlib.contextmanager

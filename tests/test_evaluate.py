@@ -29,7 +29,8 @@ CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-
 def make_training_output(gen_dir: str, model_dir: str, out: str, steps: int = 30, seed: int = 0) -> dict:
     """Train a real LoRA adapter on the generation output for a few steps and write OUT the way training does.
 
-    Every third id (sorted) is held out as the validation split. The losses in metrics.jsonl are the real ones.
+    Every third id (sorted) is the test split the evaluation scores, the next a validation split; the losses in
+    metrics.jsonl are the real ones.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -39,7 +40,7 @@ def make_training_output(gen_dir: str, model_dir: str, out: str, steps: int = 30
     out_path.mkdir(parents=True, exist_ok=True)
     rows = read_columns(f"{gen_dir}/data", ["id", "text", "answer"]).to_pylist()
     rows.sort(key=lambda r: r["id"])
-    split = {r["id"]: ("validation" if i % 3 == 0 else "train") for i, r in enumerate(rows)}
+    split = {r["id"]: ("test" if i % 3 == 0 else "validation" if i % 6 == 1 else "train") for i, r in enumerate(rows)}
     pq.write_table(pa.table({"id": list(split), "split": list(split.values())}), out_path / "split.parquet")
 
     torch.manual_seed(seed)
@@ -64,7 +65,7 @@ def make_training_output(gen_dir: str, model_dir: str, out: str, steps: int = 30
                 torch.tensor([y + [-100] * (width - len(y)) for y in labels]))
 
     train = [r for r in rows if split[r["id"]] == "train"]
-    val = [r for r in rows if split[r["id"]] == "validation"]
+    val = [r for r in rows if split[r["id"]] != "train"]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     t0 = time.monotonic()
     metrics, val_losses, tokens_seen = [], {}, 0
@@ -135,30 +136,23 @@ def _split_ids(train_dir: str, split: str) -> set[str]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Without engines
-def test_sequence_nll_matches_a_plain_forward_pass(tiny_model, generated):
-    """The shared-prefix KV cache must give the same NLL as scoring each sequence on its own."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_scored_tokens_are_the_answer_through_its_end_of_turn(tiny_model, generated):
+    """What the engines score for the NLLs: the teacher's answer and the end-of-turn token after the context the
+    engine renders (the same split of a conversation that training uses)."""
+    from transformers import AutoTokenizer
 
+    from distill.evaluation import answer_tokens
     from distill.tasks import load_task
-    from pipelines.evaluate import answer_tokens, sequence_nll
 
     task = load_task("language-id")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     rows = read_columns(f"{generated}/data", ["text", "answer"]).to_pylist()[:5]
     for messages in (task.student_messages, task.teacher_messages):
-        seqs = [answer_tokens(tokenizer, messages(r["text"]), r["answer"]) for r in rows]
-        # The scored tokens are exactly the answer and the end-of-turn token.
-        ids, start = seqs[0]
-        assert tokenizer.decode(ids[start:]) == rows[0]["answer"] + tokenizer.eos_token
-        sums, counts = sequence_nll(model, seqs, batch_size=2)
-        with torch.no_grad():
-            for (ids, start), total, n in zip(seqs, sums, counts):
-                logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, start - 1:-1], dim=-1)
-                expected = float(-logp.gather(1, torch.tensor(ids[start:]).unsqueeze(1)).sum())
-                assert n == len(ids) - start
-                assert total == pytest.approx(expected, rel=1e-4)
+        for r in rows:
+            context, answer = answer_tokens(tokenizer, messages(r["text"]), r["answer"])
+            assert tokenizer.decode(answer) == r["answer"] + tokenizer.eos_token
+            text = tokenizer.apply_chat_template(messages(r["text"]), add_generation_prompt=True, tokenize=False)
+            assert context == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_heldout_rows_come_from_the_training_split_or_all_of_data(generated, trained, tiny_model):
@@ -166,7 +160,7 @@ def test_heldout_rows_come_from_the_training_split_or_all_of_data(generated, tra
     from pipelines.evaluate import EvalConfig, resolve_inputs
 
     inputs = resolve_inputs(EvalConfig(train=trained))
-    assert {r["id"] for r in inputs.rows} == _split_ids(trained, "validation")
+    assert {r["id"] for r in inputs.rows} == _split_ids(trained, "test")
     assert (inputs.teacher, inputs.student, inputs.task.name) == (tiny_model, tiny_model, "language-id")
     assert inputs.adapter == f"{trained}/adapter"
     assert [m["step"] for m in inputs.train_metrics] == list(range(1, 21))
@@ -184,6 +178,11 @@ def test_heldout_rows_come_from_the_training_split_or_all_of_data(generated, tra
         resolve_inputs(EvalConfig())
     with pytest.raises(ConfigError, match="adapter"):
         resolve_inputs(EvalConfig(data=generated, student=tiny_model))
+    # No student given: the adapter's own adapter_config.json names its base model.
+    bare = resolve_inputs(EvalConfig(data=generated, adapter=f"{trained}/adapter"))
+    assert bare.student == tiny_model
+    with pytest.raises(ConfigError, match="no rows in split 'nope'"):
+        resolve_inputs(EvalConfig(train=trained, split="nope"))
 
 
 def test_cli_registers_eval():
@@ -204,13 +203,13 @@ def test_full_report_with_the_tiny_model(evaluated, trained, tiny_model):
     out, report = evaluated
     saved = json.loads((Path(out) / "report.json").read_text())
     assert set(saved) == set(REPORT_KEYS), "report.json keys must be exactly the documented ones"
-    assert saved["schema_version"] == 1
+    assert saved["schema_version"] == 2
 
-    # Only the held-out split was scored: no query the student trained on.
-    held = _split_ids(trained, "validation")
+    # Only the test split was scored: no query the student trained on or was selected on.
+    held = _split_ids(trained, "test")
     preds = pq.read_table(Path(out) / "predictions.parquet").to_pylist()
     assert {p["id"] for p in preds} == held and saved["inputs"]["rows"] == len(held)
-    assert not held & _split_ids(trained, "train")
+    assert not held & (_split_ids(trained, "train") | _split_ids(trained, "validation"))
 
     # Three runs, every request answered by a real engine.
     for run in ("teacher", "student", "base"):
@@ -241,27 +240,43 @@ def test_full_report_with_the_tiny_model(evaluated, trained, tiny_model):
     assert {"student_vs_teacher", "base_vs_teacher", "teacher_vs_gold", "student_vs_gold"} <= set(labels["confusion"])
     cm = labels["confusion"]["student_vs_teacher"]
     assert sum(map(sum, cm["matrix"])) + cm["skipped"] == len(held)
-    agree = sum(p["student_label"] is not None and p["student_label"] == p["teacher_label"] for p in preds)
-    assert saved["fidelity"]["student"]["agreement"] == pytest.approx(agree / len(held))
+    judged = [p for p in preds if p["teacher_label"] is not None]
+    agree = sum(p["student_label"] == p["teacher_label"] for p in judged)
+    assert saved["fidelity"]["student"]["judged"] == len(judged) == len(held)  # the guided teacher always parses
+    assert saved["fidelity"]["student"]["agreement"] == pytest.approx(agree / len(judged))
+    # The floor, the ceiling (a second teacher sample for every query) and a verdict that says ship or not.
+    labels_given = [p["teacher_label"] for p in preds]
+    top = max(set(labels_given), key=labels_given.count)
+    assert saved["fidelity"]["floor"]["rate"] == pytest.approx(labels_given.count(top) / len(preds))
+    assert all(p["teacher_sample_output"] for p in preds)
+    assert saved["verdict"]["ready"] == (saved["fidelity"]["student"]["agreement"] >= 0.9)
+    assert saved["verdict"]["text"].startswith("Ready to ship" if saved["verdict"]["ready"] else "Not ready to ship")
+    # Every student answer carries its confidence: the probability of the answer it gave.
+    assert all(0 < p["student_confidence"] <= 1 and 0 < p["base_confidence"] <= 1 for p in preds)
     gold_rows = [p for p in preds if p["gold"] is not None]
     assert saved["gold"]["rows"] == len(gold_rows) > 0
     assert saved["gold"]["accuracy"]["teacher"] == pytest.approx(
         sum(p["teacher_label"] == p["gold"] for p in gold_rows) / len(gold_rows))
 
-    # Prompt absorption: the adapter was trained on this answer format, so it makes the held-out answers likelier.
+    # Prompt absorption, scored on the engines: the adapter was trained on this answer format, so it makes the
+    # held-out answers likelier.
     nll = saved["nll"]
+    assert nll["rows_scored"] == len(held) and "teacher-forced" in nll["method"]
     a, b, c = nll["base_no_prompt"], nll["base_with_prompt"], nll["student_no_prompt"]
     assert all(math.isfinite(x) and x > 0 for x in (a, b, c))
     assert c < a
     assert nll["gap_closed"] == pytest.approx((a - c) / (a - b))
 
-    # Cost: the student drops the prompt, so it is cheaper per request; break-even follows from the training cost.
+    # Cost: the student drops the prompt, so it is cheaper per request; break-even follows from what generation,
+    # training and this evaluation cost.
     cost = saved["cost"]
     assert cost["per_request_usd"]["teacher"] > cost["per_request_usd"]["student"] > 0
+    assert 1000 < cost["cached_prompt_tokens"] < saved["runs"]["teacher"]["prompt_tokens_mean"]
     summary = json.loads((Path(trained) / "train_summary.json").read_text())
-    assert cost["training_cost_usd"] == pytest.approx(summary["wall_s"] / 3600 * 1.0 * summary["workers"])
-    assert cost["break_even_queries"] == math.ceil(cost["training_cost_usd"] / cost["savings_per_query_usd"]
-                                                   * (1 - 1e-12))
+    d = cost["distillation_usd"]
+    assert d["training_usd"] == pytest.approx(summary["wall_s"] / 3600 * 1.0 * summary["workers"])
+    assert d["generation_usd"] > 0 and d["evaluation_usd"] > 0
+    assert cost["break_even_queries"] == math.ceil(d["total_usd"] / cost["savings_per_query_usd"] * (1 - 1e-12))
     assert saved["training"]["steps"] == summary["steps"]
 
     # Plots beside the page, each a real PNG; a short markdown with the headline numbers.
@@ -270,7 +285,9 @@ def test_full_report_with_the_tiny_model(evaluated, trained, tiny_model):
         data = (Path(out) / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
     md = (Path(out) / "report.md").read_text()
-    assert "gap closed" in md and "agreement with teacher" in md
+    assert "gap closed" in md and "agreement with teacher" in md and "ship" in md
+    # The distilled student was served merged (CPU), merged into the evaluation's own output folder.
+    assert saved["inputs"]["student_serving"] == "merged" and (Path(out) / "merged-student" / "config.json").is_file()
 
 
 def _chromium() -> str:

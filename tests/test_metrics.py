@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from distill import metrics as M
 
 
-def approx(x):
-    return pytest.approx(x, rel=1e-9, abs=1e-12)
+def approx(x, abs: float = 1e-12):
+    return pytest.approx(x, rel=1e-9, abs=abs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -52,14 +53,6 @@ def test_parse_rate():
     assert M.parse_rate([]) is None
 
 
-def test_agreement_counts_missing_answers_as_disagreement():
-    # rows: a=a yes, b!=c no, None/None no (the teacher did not answer either), c=c yes -> 2/4
-    assert M.agreement(["a", "b", None, "c"], ["a", "c", None, "c"]) == 0.5
-    assert M.agreement([], []) is None
-    with pytest.raises(ValueError):
-        M.agreement(["a"], [])
-
-
 def test_accuracy_uses_only_rows_with_gold_and_unparsed_is_wrong():
     # gold rows: (a, a) right, (None, a) wrong, (c, b) wrong; the 4th row has no gold -> 1/3
     assert M.accuracy(["a", None, "b", "c"], ["a", "a", None, "b"]) == {"accuracy": approx(1 / 3), "n": 3}
@@ -98,13 +91,6 @@ def test_per_label_f1_is_zero_when_all_wrong():
 
 # ----------------------------------------------------------------------------------------------------------------
 # Free text
-def test_exact_match_normalizes_whitespace_only():
-    assert M.exact_match("  Hello   world\n", "Hello world")
-    assert not M.exact_match("hello world", "Hello world")      # case is part of the answer
-    assert not M.exact_match(None, "x")
-    assert not M.exact_match(None, None)
-
-
 def test_token_f1_by_hand():
     # pred {the, cat, sat}, ref {the, cat, ran, away}: overlap 2, P 2/3, R 1/2, F1 = (2/3) / (7/6) = 4/7
     assert M.token_f1("The cat sat.", "the cat ran away") == approx(4 / 7)
@@ -125,13 +111,26 @@ def test_lcs_and_rouge_l_by_hand():
     assert M.rouge_l(None, "a") == 0.0
 
 
-def test_text_similarity_means_over_rows():
-    sim = M.text_similarity(["a b", "a"], ["a b", "b"])
-    assert sim == {"exact_match": 0.5, "token_f1": 0.5, "rouge_l": 0.5}
+def test_one_agreement_for_report_and_router():
+    from distill.agreement import agreement_rate, compare, normalize
+    from distill.tasks import load_task
+
+    langid, persona = load_task("language-id"), load_task("persona")
+    assert compare(langid, "Final Answer: en", "  Final Answer:   en ").agree is True
+    assert compare(langid, "<think>hmm</think>Final Answer: fr", "Final Answer: fr").agree is True
+    assert compare(langid, "Final Answer: en", "no idea").agree is False        # unparsed student disagrees
+    assert compare(langid, "garbage", "Final Answer: en").agree is None         # unparsed teacher: unjudged
+    assert normalize("Ahoy, matey!") == normalize("ahoy,   MATEY") == "ahoy, matey"
+    same = compare(persona, "Ahoy, matey!", "ahoy,   MATEY")
+    assert same.agree is True and same.similarity == 1.0
+    paraphrase = compare(persona, "I am deaf, alas, and compose still.", "Alas, I am deaf yet I still compose.")
+    assert paraphrase.agree is False and 0.3 < paraphrase.similarity < 1.0      # a paraphrase is similar, not equal
+    assert compare(persona, "   ", "anything").agree is None
+    rate = agreement_rate([compare(langid, "Final Answer: en", x) for x in ("Final Answer: en", "x")]
+                          + [compare(langid, "?", "Final Answer: en")])
+    assert rate == {"rate": 0.5, "agree": 1, "judged": 2, "unjudged": 1}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Prompt absorption
 def test_mean_nll_is_token_weighted():
     assert M.mean_nll([10.0, 2.0], [4, 1]) == approx(2.4)       # 12 nats over 5 tokens, not mean(2.5, 2.0)
     assert M.mean_nll([], []) is None
@@ -153,38 +152,84 @@ def test_gap_closed_by_hand():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Agreement against its floor and its uncertainty
+def test_wilson_interval_by_hand():
+    low, high = M.wilson_interval(2, 4)
+    # p = 0.5, n = 4, z = 1.96: centre (0.5 + 0.4802) / 1.9604, half 1.96 * sqrt(0.0625 + 0.0601) / 1.9604
+    assert low == approx(0.1500, abs=1e-4) and high == approx(0.8500, abs=1e-4)
+    assert M.wilson_interval(0, 0) is None
+    assert M.wilson_interval(48, 48)[1] == approx(1.0) and M.wilson_interval(48, 48)[0] == approx(0.9259, abs=1e-4)
+
+
+def test_cohen_kappa_by_hand():
+    # observed 2/4; predicted en, fr, (none), de; reference en, fr, es, en: expected (1*2 + 1*1) / 16 = 3/16
+    assert M.cohen_kappa(["en", "fr", None, "de"], ["en", "fr", "es", "en"]) == approx((0.5 - 3 / 16) / (1 - 3 / 16))
+    assert M.cohen_kappa(["ru"] * 4, ["ru", "ru", "en", "fr"]) == approx(0.0)  # always the commonest: no skill
+    assert M.cohen_kappa(["a"], ["a"]) is None                                 # both constant: undefined
+    assert M.cohen_kappa([], []) is None
+
+
+def test_majority_agreement_is_the_floor():
+    assert M.majority_agreement(["ru", "ru", "en", None, "ru"]) == {"label": "ru", "rate": 0.75, "n": 4}
+    assert M.majority_agreement([None]) == {"label": None, "rate": None, "n": 0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Cost
-def test_request_cost():
-    # 1000 prompt tokens at $0.10/M + 10 output tokens at $0.40/M = (100 + 4) / 1e6
-    assert M.request_cost(1000, 10, 0.10, 0.40) == approx(1.04e-4)
-    assert M.request_cost(None, 10, 1, 1) is None
+def test_request_cost_prices_the_cached_prompt_apart():
+    from distill.cost import Price, request_cost
 
-
-def test_training_cost():
-    assert M.training_cost(1800, 2.0, 4) == approx(4.0)         # half an hour x 4 workers x $2
-    assert M.training_cost(3600, 2.0, 0) == approx(2.0)         # at least one worker
-    assert M.training_cost(None, 2.0, 1) is None
+    price = Price(input_per_million=0.10, output_per_million=0.40)
+    # 1000 prompt tokens of which 800 cached (a quarter price by default), 10 output tokens
+    assert request_cost(price, 1000, 800, 10) == approx((200 * 0.10 + 800 * 0.025 + 10 * 0.40) / 1e6)
+    assert request_cost(Price(input_per_million=1, cached_input_per_million=0, output_per_million=0), 10, 4, 0) \
+        == approx(6e-6)
+    assert request_cost(price, None, 0, 10) is None
 
 
 def test_break_even_queries():
-    assert M.break_even_queries(4.0, 0.001) == 4000
-    assert M.break_even_queries(4.0, 0.003) == 1334              # 1333.33 rounded up
-    assert M.break_even_queries(0.0, 0.1) == 0
-    assert M.break_even_queries(4.0, 0.0) is None                 # saves nothing: never pays off
-    assert M.break_even_queries(4.0, -1e-5) is None
-    assert M.break_even_queries(None, 0.1) is None
+    from distill.cost import break_even_queries
+
+    assert break_even_queries(4.0, 0.001) == 4000
+    assert break_even_queries(4.0, 0.003) == 1334              # 1333.33 rounded up
+    assert break_even_queries(0.0, 0.1) == 0
+    assert break_even_queries(4.0, 0.0) is None                 # saves nothing: never pays off
+    assert break_even_queries(4.0, -1e-5) is None
+    assert break_even_queries(None, 0.1) is None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Report assembly on hand-made engine outputs
-def _result(rid, text, prompt_tokens, output_tokens, latency):
-    return {"id": rid, "generated_text": text, "num_input_tokens": prompt_tokens,
+def _result(text, prompt_tokens, output_tokens, latency, logprobs=None):
+    return {"generated_text": text, "generated_tokens": [1] * output_tokens, "token_logprobs": logprobs,
+            "topk_ids": None, "topk_logprobs": None, "num_input_tokens": prompt_tokens,
             "num_generated_tokens": output_tokens, "latency_s": latency, "queue_s": None, "ttft_s": latency / 2,
             "decode_s": None, "error": None}
 
 
-def test_build_and_write_report_by_hand(tmp_path):
-    from distill.report import REPORT_KEYS, write_report
+def _results(rows, outputs, samples, scores, tokens):
+    """Engine results keyed like pipelines.evaluate's requests: "<id>|answer", "|sample", "|a", "|b", "|c"."""
+    results = {run: {} for run in outputs}
+    for i, r in enumerate(rows):
+        for run in outputs:
+            prompt, out, latency = tokens[run]
+            results[run][f"{r['id']}|answer"] = _result(outputs[run][i], prompt, out, latency, [-0.1] * out)
+        results["teacher"][f"{r['id']}|sample"] = _result(samples[i], tokens["teacher"][0], 5, 1.0)
+        for kind, run in (("a", "base"), ("b", "base"), ("c", "student")):
+            results[run][f"{r['id']}|{kind}"] = _result("", 10, 2, 0.05, scores[kind])
+    return results
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def test_build_and_write_report_by_hand(tmp_path, tokenizer):
+    from distill.evaluation import shared_prefix_tokens
+    from distill.report import REPORT_KEYS, headline_lines, write_report
     from distill.tasks import load_task
     from pipelines.evaluate import EvalConfig, Inputs, build_report
 
@@ -198,53 +243,78 @@ def test_build_and_write_report_by_hand(tmp_path):
         "student": ["Final Answer: en", "Final Answer: fr", "no idea", "Final Answer: de"],
         "base": ["Final Answer: fr", "blah", "blah", "Final Answer: en"],
     }
-    cost = {"teacher": (1000, 10, 0.4), "student": (20, 4, 0.1), "base": (20, 8, 0.1)}
-    results = {run: {r["id"]: _result(r["id"], text, *cost[run]) for r, text in zip(rows, outputs[run])}
-               for run in outputs}
+    samples = ["Final Answer: en", "Final Answer: fr", "Final Answer: es", "Final Answer: fr"]
+    # Per row two answer tokens: NLL a = 3, b = 1, c = 1.5 nats per token -> gap closed (3 - 1.5) / (3 - 1) = 0.75
+    scores = {"a": [-3.0, -3.0], "b": [-1.0, -1.0], "c": [-1.5, -1.5]}
+    tokens = {"teacher": (2000, 10, 0.4), "student": (20, 4, 0.1), "base": (20, 8, 0.1)}
+    results = _results(rows, outputs, samples, scores, tokens)
     inputs = Inputs(rows=rows, task=task, teacher="T", student="S", adapter="A", data="D", train="OUT",
-                    summary={"wall_s": 3600.0, "workers": 2, "steps": 10}, train_metrics=[
-                        {"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "val_loss": 1.7}])
+                    summary={"wall_s": 3600.0, "workers": 2, "steps": 10}, manifest=None, train_metrics=[
+                        {"step": 1, "loss": 2.0, "examples": 8},
+                        {"step": 2, "loss": 1.5, "val_loss": 1.7, "val_agreement": 0.25, "examples": 16}])
     config = EvalConfig(train="OUT", output=str(tmp_path))
-    nll = {"base_no_prompt": 3.0, "base_with_prompt": 1.0, "student_no_prompt": 1.5, "gap_closed": 0.75,
-           "note": None, "answer_tokens": 20, "rows": 4, "prompt_context_tokens_mean": 900.0, "seconds": 1.0}
-    nll_rows = {k: [1.0] * 4 for k in "abc"}
     report, details = build_report(config, inputs, results, {"teacher": 10.0, "student": 5.0, "base": 5.0},
-                                   nll, nll_rows)
-    report["seconds"] = 1.0
+                                   {"context_lengths": [900] * 4}, "merged", tokenizer, seconds=36.0)
 
-    # student vs teacher labels: en=en, fr=fr, None vs es, de vs en -> 2/4; base: fr/en, None, None, en=en -> 1/4
-    assert report["fidelity"]["student"]["agreement"] == 0.5
-    assert report["fidelity"]["base"]["agreement"] == 0.25
+    f = report["fidelity"]
+    # student vs teacher labels: en=en, fr=fr, (none) vs es, de vs en -> 2 of 4 judged
+    assert (f["student"]["agreement"], f["student"]["judged"], f["student"]["unjudged"]) == (0.5, 4, 0)
+    assert f["student"]["agreement_ci95"] == approx(list(M.wilson_interval(2, 4)))
+    assert f["student"]["kappa"] == approx((0.5 - 3 / 16) / (1 - 3 / 16))
+    assert f["base"]["agreement"] == 0.25
+    # floor: the teacher said en twice of 4; ceiling: its second sample agrees on 3 of 4, its data labels on 3 of 4
+    assert f["floor"] == {"kind": "majority_label", "label": "en", "rate": 0.5, "n": 4}
+    assert f["ceiling"]["teacher_vs_sample"]["agreement"] == 0.75
+    assert f["ceiling"]["teacher_vs_data"]["agreement"] == 0.75
+    verdict = report["verdict"]
+    assert verdict["ready"] is False and verdict["text"].startswith("Not ready to ship")
+    assert "no better than always answering 'en'" in verdict["reasons"]
+    assert verdict["relative_to_ceiling"] == approx(0.5 / 0.75)
     # gold (q1, q2, q4): teacher en, fr, en(wrong) -> 2/3; student en, fr, de -> 3/3; base fr, None, en -> 0/3
     assert report["gold"] == {"rows": 3, "accuracy": {"teacher": approx(2 / 3), "student": 1.0, "base": 0.0}}
     assert report["runs"]["student"]["parse_rate"] == 0.75
     assert report["labels"]["confusion"]["student_vs_teacher"]["matrix"][task.answer.labels.index("en")][
         task.answer.labels.index("de")] == 1
-    # cost: teacher (1000 * 0.10 + 10 * 0.40) / 1e6 = 1.04e-4; student (20 * 0.10 + 4 * 0.40) / 1e6 = 3.6e-6
-    assert report["cost"]["per_request_usd"]["teacher"] == approx(1.04e-4)
-    assert report["cost"]["per_request_usd"]["student"] == approx(3.6e-6)
-    assert report["cost"]["savings_per_1k_queries_usd"] == approx(0.1004)
-    # training: 1 h x 2 workers x $1 = $2; 2 / 1.004e-4 = 19920.3 -> 19921 queries
-    assert report["cost"]["training_cost_usd"] == approx(2.0)
-    assert report["cost"]["break_even_queries"] == 19921
+    nll = report["nll"]
+    assert (nll["base_no_prompt"], nll["base_with_prompt"], nll["student_no_prompt"]) == approx((3.0, 1.0, 1.5))
+    assert nll["gap_closed"] == approx(0.75) and nll["rows_scored"] == 4
+    # cost: the teacher's shared prompt is priced as cached input (a quarter of $0.10/M by default)
+    cached = shared_prefix_tokens(tokenizer, task)
+    assert 500 < cached < 2000
+    teacher_cost = ((2000 - cached) * 0.10 + cached * 0.025 + 10 * 0.40) / 1e6
+    assert report["cost"]["per_request_usd"]["teacher"] == approx(teacher_cost)
+    assert report["cost"]["per_request_usd"]["student"] == approx((20 * 0.10 + 4 * 0.40) / 1e6)
+    # distillation: training 1 h x 2 workers x $1 + evaluation 36 s x $1/h; generation unknown (said so)
+    d = report["cost"]["distillation_usd"]
+    assert d["training_usd"] == approx(2.0) and d["evaluation_usd"] == approx(0.01) and d["generation_usd"] is None
+    assert "generation" in report["cost"]["note"]
+    savings = teacher_cost - (20 * 0.10 + 4 * 0.40) / 1e6
+    assert report["cost"]["break_even_queries"] == math.ceil(2.01 / savings * (1 - 1e-12))
     assert report["headline"]["speedup_p50"] == approx(4.0)     # 0.4 s / 0.1 s
+    assert report["training"]["curve"] == [{"step": 2, "examples": 16, "val_agreement": 0.25, "val_loss": 1.7}]
+    preds = details["predictions"].to_pylist()
+    assert preds[0]["student_confidence"] == approx(math.exp(-0.4))  # 4 answer tokens at logprob -0.1
 
     paths = write_report(str(tmp_path), report, details)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert set(saved) == set(REPORT_KEYS)
-    assert set(saved["plots"]) == {"loss_curves", "latency_hist", "tokens", "nll", "confusion_student_vs_teacher",
-                                   "confusion_base_vs_teacher", "confusion_teacher_vs_gold",
-                                   "confusion_student_vs_gold", "confusion_base_vs_gold"}
+    assert set(saved["plots"]) == {"loss_curves", "learning_curve", "latency_hist", "tokens", "nll",
+                                   "confusion_student_vs_teacher", "confusion_base_vs_teacher",
+                                   "confusion_teacher_vs_gold", "confusion_student_vs_gold", "confusion_base_vs_gold"}
     for name in saved["plots"].values():
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (tmp_path / "report.html").read_text()
     for name in saved["plots"].values():
         assert f'src="{name}"' in page
-    assert "50.0%" in (tmp_path / "report.md").read_text()
+    # Every format leads with the same verdict and the same headline items.
+    md = (tmp_path / "report.md").read_text()
+    for text in (md, page, "\n".join(headline_lines(saved))):
+        assert "Not ready to ship" in text and "50.0%" in text and "75.0%" in text
+    assert "✔" not in page
     assert paths["html"].endswith("report.html")
 
 
-def test_free_text_report_has_similarity_and_no_label_sections(tmp_path):
+def test_free_text_report_has_similarity_and_no_label_sections(tmp_path, tokenizer):
     from distill.report import REPORT_KEYS, write_report
     from distill.tasks import load_task
     from pipelines.evaluate import EvalConfig, Inputs, build_report
@@ -255,29 +325,27 @@ def test_free_text_report_has_similarity_and_no_label_sections(tmp_path):
     outputs = {"teacher": ["It fails me, Himmel!", "The Missa solemnis."],
                "student": ["It fails me, Himmel!", "The Ninth, of course."],
                "base": ["I am an AI.", "x"]}
-    results = {run: {r["id"]: _result(r["id"], t, 500 if run == "teacher" else 12, 9, 0.2) for r, t in
-                     zip(rows, outputs[run])} for run in outputs}
+    scores = {"a": [-2.0], "b": [-2.0], "c": [-1.0]}
+    tokens = {"teacher": (500, 9, 0.2), "student": (12, 9, 0.2), "base": (12, 9, 0.2)}
+    results = _results(rows, outputs, outputs["teacher"], scores, tokens)
     inputs = Inputs(rows=rows, task=task, teacher="T", student="S", adapter="A", data="D", train=None,
-                    summary=None)
-    nll = {"base_no_prompt": 2.0, "base_with_prompt": 2.0, "student_no_prompt": 1.0,
-           **M.gap_closed(2.0, 2.0, 1.0), "answer_tokens": 12, "rows": 2, "prompt_context_tokens_mean": 400.0,
-           "seconds": 1.0}
-    nll["gap_closed"] = nll.pop("value")
+                    summary=None, manifest=None)
     report, details = build_report(EvalConfig(data="D", output=str(tmp_path)), inputs, results,
-                                   {"teacher": 1.0, "student": 1.0, "base": 1.0}, nll, {k: [1.0, 1.0] for k in "abc"})
-    report["seconds"] = 1.0
+                                   {"teacher": 1.0, "student": 1.0, "base": 1.0}, {"context_lengths": [400, 400]},
+                                   "merged", tokenizer, seconds=1.0)
     assert report["labels"] is None and report["gold"] is None
-    assert report["fidelity"]["student"]["agreement"] is None
-    # row 1 identical; row 2 "the ninth of course" vs "the missa solemnis": one shared word ("the"), 4 vs 3 words
-    # -> token F1 2 * (1/4 * 1/3) / (1/4 + 1/3) = 2/7; ROUGE-L the same (LCS 1)
-    assert report["fidelity"]["student"]["exact_match"] == 0.5
-    assert report["fidelity"]["student"]["token_f1"] == approx((1 + 2 / 7) / 2)
-    assert report["fidelity"]["student"]["rouge_l"] == approx((1 + 2 / 7) / 2)
-    assert report["headline"]["gap_closed"] is None                 # a == b: nothing to absorb
-    assert report["cost"]["break_even_queries"] is None and "no training summary" in report["cost"]["note"]
+    assert report["headline"]["agreement"] is None and report["fidelity"]["student"]["kappa"] is None
+    # row 1 identical; row 2 "the ninth, of course" vs "the missa solemnis": LCS 1 word of 4 and 3 -> 2/7
+    assert report["fidelity"]["student"]["similarity"] == approx((1 + 2 / 7) / 2)
+    assert report["fidelity"]["student"]["agreement"] == 0.5          # exact after normalisation: row 1
+    assert report["fidelity"]["ceiling"]["teacher_vs_sample"]["similarity"] == approx(1.0)
+    assert report["verdict"]["ready"] is False                         # 0.64 of the ceiling < 0.9
+    assert report["headline"]["gap_closed"] is None                    # a == b: nothing to absorb
+    # No training summary: the distillation cost leaves training and generation out, and says so.
+    assert "generation, training" in report["cost"]["note"]
     write_report(str(tmp_path), report, details)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert set(saved) == set(REPORT_KEYS)
     assert set(saved["plots"]) == {"latency_hist", "tokens", "nll"}   # no training curves, no label matrices
     page = (tmp_path / "report.html").read_text()
-    assert "No training metrics" in page and "undefined" in page
+    assert "No training summary" in page and "undefined" in page
