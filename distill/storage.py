@@ -189,11 +189,14 @@ def remove(uri: str) -> None:
 
 
 class ShardWriter:
-    """Buffers rows and writes them as atomic Parquet shards of at most `rows_per_shard` rows, or sooner when
-    `flush_seconds` have passed since the first buffered row (so a long run persists its progress)."""
+    """Buffers rows and writes them as atomic Parquet shards of at most `rows_per_shard` rows, and at the latest
+    `flush_seconds` after the oldest buffered row arrived — also when no further row comes (a timer thread), so
+    a long run persists its progress within a bounded delay and a kill loses at most that much."""
 
     def __init__(self, uri: str, prefix: str, schema: pa.Schema, rows_per_shard: int = 1000,
                  flush_seconds: float = 60.0):
+        import threading
+
         self.uri, self.prefix, self.schema = uri, prefix, schema
         self.rows_per_shard, self.flush_seconds = rows_per_shard, flush_seconds
         self.fs, self.path = resolve(uri)
@@ -203,15 +206,39 @@ class ShardWriter:
         self.rows_written = 0
         self._buffer: list[dict] = []
         self._since: Optional[float] = None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._timer = threading.Thread(target=self._flush_when_due, daemon=True)
+        self._timer.start()
+
+    def _flush_when_due(self) -> None:
+        while not self._closed.wait(min(1.0, self.flush_seconds / 4)):
+            with self._lock:
+                if self._buffer and time.monotonic() - self._since >= self.flush_seconds:
+                    try:
+                        self._flush()
+                    except BaseException as err:  # re-raised by the next write or close, in the caller's thread
+                        self._error = err
+                        return
 
     def write(self, row: dict) -> None:
-        if not self._buffer:
-            self._since = time.monotonic()
-        self._buffer.append(row)
-        if len(self._buffer) >= self.rows_per_shard or time.monotonic() - self._since >= self.flush_seconds:
-            self.flush()
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            if not self._buffer:
+                self._since = time.monotonic()
+            self._buffer.append(row)
+            if len(self._buffer) >= self.rows_per_shard or time.monotonic() - self._since >= self.flush_seconds:
+                self._flush()
 
     def flush(self) -> None:
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            self._flush()
+
+    def _flush(self) -> None:
         if not self._buffer:
             return
         table = pa.Table.from_pylist(self._buffer, schema=self.schema)
@@ -221,7 +248,13 @@ class ShardWriter:
         self._buffer = []
 
     def close(self) -> None:
+        self._closed.set()
+        self._timer.join()
         self.flush()
+
+    def discard(self) -> None:
+        """Stop without writing what is buffered (the run failed; a rerun redoes those rows)."""
+        self._closed.set()
 
     def __enter__(self) -> "ShardWriter":
         return self
@@ -231,6 +264,8 @@ class ShardWriter:
         # from a half-failed state is how rows get lost or duplicated.
         if exc[0] is None:
             self.close()
+        else:
+            self.discard()
 
 
 def clean_temporaries(uri: str) -> None:

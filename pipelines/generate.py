@@ -312,7 +312,7 @@ def run_attempt(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any]
     ds = ds.map_batches(keep_pending, batch_format="pyarrow", num_cpus=0.25).select_columns(["id", "text", "gold", "row"])
     # Small blocks stream: answers reach the driver (and durable shards) a few batches at a time instead of one
     # block per staged file at the very end, and memory stays flat however many rows there are.
-    ds = ds.repartition(target_num_rows_per_block=4 * config.engine.batch_size)
+    ds = ds.repartition(target_num_rows_per_block=config.engine.batch_size)
     results = build_generation_pipeline(ds, config, task, sampling, attempt)
 
     writers = {
@@ -324,28 +324,33 @@ def run_attempt(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any]
                              config.flush_seconds),
     }
     decider = Decider(config, task, attempt, writers)
-    groups: dict[str, list[dict]] = {}
-    t0 = last_log = time.monotonic()
-    first = None  # the rate counts from the first answer: engine start-up is not throughput
-    for row in results.iter_rows():
-        group = groups.setdefault(row["id"], [])
-        group.append(row)
-        if len(group) == config.samples:
-            decider.decide(groups.pop(row["id"]))
-        now = time.monotonic()
-        if first is None:
-            first = now
-            log.info("attempt %d: first answer after %.0fs (engine start-up included)", attempt, now - t0)
-        if now - last_log >= config.progress_seconds:
-            last_log = now
-            finished = sum(decider.counts.values())
-            rate = finished / (now - first) if now > first else 0.0
-            eta = (len(pending) - finished) / rate if rate > 0 else float("inf")
-            log.info("attempt %d: %d/%d queries (written %d, retry %d, rejected %d), %.2f queries/s, eta %.0fs",
-                     attempt, finished, len(pending), decider.counts["written"], decider.counts["retried"],
-                     decider.counts["rejected"], rate, eta)
-    if groups:
-        raise RuntimeError(f"{len(groups)} queries came back with fewer than {config.samples} samples")
+    try:
+        groups: dict[str, list[dict]] = {}
+        t0 = last_log = time.monotonic()
+        first = None  # the rate counts from the first answer: engine start-up is not throughput
+        for row in results.iter_rows():
+            group = groups.setdefault(row["id"], [])
+            group.append(row)
+            if len(group) == config.samples:
+                decider.decide(groups.pop(row["id"]))
+            now = time.monotonic()
+            if first is None:
+                first = now
+                log.info("attempt %d: first answer after %.0fs (engine start-up included)", attempt, now - t0)
+            if now - last_log >= config.progress_seconds:
+                last_log = now
+                finished = sum(decider.counts.values())
+                rate = finished / (now - first) if now > first else 0.0
+                eta = (len(pending) - finished) / rate if rate > 0 else float("inf")
+                log.info("attempt %d: %d/%d queries (written %d, retry %d, rejected %d), %.2f queries/s, eta %.0fs",
+                         attempt, finished, len(pending), decider.counts["written"], decider.counts["retried"],
+                         decider.counts["rejected"], rate, eta)
+        if groups:
+            raise RuntimeError(f"{len(groups)} queries came back with fewer than {config.samples} samples")
+    except BaseException:
+        for w in writers.values():
+            w.discard()
+        raise
     for w in writers.values():
         w.close()
     decider.counts["seconds"] = round(time.monotonic() - t0, 3)

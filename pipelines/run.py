@@ -99,14 +99,10 @@ def main(config: RunConfig) -> dict[str, Any]:
             summary = train.main(config.train_config())
             result = {k: summary.get(k) for k in ("steps", "final_loss", "final_val_loss", "best_val_loss")}
         else:
-            report_path = join(config.stage_dir("eval"), "report.json")
-            # The report is written last and whole: if it is there, evaluation finished.
-            report = read_json(report_path)
-            if report is None:
-                report = evaluate.main(config.eval_config())
-            else:
-                log.info("%s exists; evaluation is complete", report_path)
-            result = {"report": join(config.stage_dir("eval"), "report.html"), "headline": report["headline"]}
+            # evaluate.main checks the settings first, then returns a finished report as it is.
+            report = evaluate.main(config.eval_config())
+            result = {"report": join(config.stage_dir("eval"), "report.html"), "headline": report["headline"],
+                      "verdict": report["verdict"]["text"]}
         record["stages"][stage] = {**result, "seconds_this_run": round(time.monotonic() - t0, 3)}
         write_json(record_path, record)  # progress survives a preemption between stages
         log.info("stage %s done in %.0fs: %s", stage, time.monotonic() - t0, result)
@@ -125,7 +121,7 @@ def add_cli(subparsers) -> None:
 
 def _cli(args) -> None:
     from distill.config import load_config
-    from pipelines.evaluate import headline_lines
+    from distill.report import headline_lines
 
     stages = args.stages.split(",") if args.stages else None
     config = load_config(RunConfig, args.config, output=args.output, stages=stages)
@@ -133,6 +129,6 @@ def _cli(args) -> None:
     for stage, result in record["stages"].items():
         print(f"{stage}: {result}" if stage != "eval" else "eval:")
     if "eval" in record["stages"]:
-        print("\n".join("  " + line for line in headline_lines({"headline": record["stages"]["eval"]["headline"]})))
+        print("\n".join("  " + line for line in headline_lines(read_json(join(config.stage_dir("eval"), "report.json")))))
         print(f"report: {record['stages']['eval']['report']}")
     print(f"outputs: {config.output} (generate/, train/, eval/, run.json)")
