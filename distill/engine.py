@@ -231,6 +231,7 @@ def run_requests(name: str, requests: list[dict], model: str, config: EngineConf
         taken = row.get("time_taken_llm")
         return {
             "key": row["key"], "generated_text": row.get("generated_text") or "", "generated_tokens": tokens,
+            "prompt_token_ids": [int(t) for t in (row.get("prompt_token_ids") or [])],
             "token_logprobs": scores.get("token_logprobs"), "topk_ids": scores.get("topk_ids"),
             "topk_logprobs": scores.get("topk_logprobs"),
             "num_input_tokens": int(row.get("num_input_tokens") or 0),

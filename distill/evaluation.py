@@ -186,3 +186,53 @@ def learning_curve(train_metrics: list[dict]) -> list[dict]:
     """The validation points of the training run: step, examples seen, validation agreement and loss."""
     return [{"step": m["step"], "examples": m.get("examples"), "val_agreement": m.get("val_agreement"),
              "val_loss": m.get("val_loss")} for m in train_metrics if m.get("val_loss") is not None]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Selective answering
+def agreement_scores(task: TaskSpec, teacher: list[Optional[str]], model: list[Optional[str]]) -> list[Optional[float]]:
+    """Per row, how well the model's answer matches the teacher's (distill.agreement): 1/0 for label tasks, the
+    similarity for free text; None where the teacher's answer is unusable."""
+    comparisons = [compare(task, t, m) for t, m in zip(teacher, model)]
+    if task.answer.type == "labels":
+        return [None if c.agree is None else float(c.agree) for c in comparisons]
+    return [c.similarity for c in comparisons]
+
+
+def selective_section(target: float, held: dict[str, list], selection: Optional[dict[str, list]],
+                      selection_source: str, cascade: dict[str, Any]) -> dict[str, Any]:
+    """The report's selective section. held / selection: {confidence, score} per row of the held-out rows and of
+    the rows the threshold is chosen on (None: there are none, so no threshold is chosen: choosing it on the
+    held-out rows would grade the threshold on the rows that picked it). cascade: `selective.cascade_figures`'s
+    inputs but the threshold."""
+    from distill import selective as S
+
+    held_curve = S.coverage_curve(held["confidence"], held["score"])
+    section: dict[str, Any] = {"target_agreement": target, "threshold_chosen_on": selection_source,
+                               "heldout": {"curve": held_curve, "area": S.curve_area(held_curve)}}
+    if selection is None:
+        threshold, why = None, (f"no rows to choose a threshold on ({selection_source}); the held-out rows are not "
+                                f"used for it")
+        section["selection"] = None
+    else:
+        curve = S.coverage_curve(selection["confidence"], selection["score"])
+        threshold = S.choose_threshold(curve, target)
+        why = None if threshold is not None else (
+            f"no confidence threshold lets the kept answers reach {target:.0%} agreement on the "
+            f"{len(selection['score'])} {selection_source} rows")
+        section["selection"] = {"rows": len(selection["score"]), "curve": curve, "area": S.curve_area(curve),
+                                "at_threshold": S.kept_at(selection["confidence"], selection["score"], threshold)}
+    at = S.kept_at(held["confidence"], held["score"], threshold)
+    figures = S.cascade_figures(held["confidence"], threshold, **cascade)
+    section.update({"threshold": threshold, "no_threshold_reason": why, "at_threshold": at,
+                    "deferral_rate": figures["deferral_rate"], "cascade": figures})
+    if threshold is None:
+        section["text"] = f"No threshold reaches the target: {why}. Serve the teacher, or distil a better student."
+    else:
+        ci = at["agreement_ci95"]
+        section["text"] = (
+            f"At confidence ≥ {threshold:.3g} (chosen on {selection_source} for {target:.0%} agreement) the student "
+            f"keeps {_fmt(at['coverage'], '.1%')} of {at['judged']} held-out queries and agrees with the teacher on "
+            f"{_fmt(at['agreement'], '.1%')} of those"
+            + (f" (95 % CI {ci[0]:.1%}–{ci[1]:.1%})" if ci else "") + "; the rest go to the teacher.")
+    return section

@@ -27,13 +27,33 @@ Precision = Literal["auto", "fp32", "bf16", "bf16-base"]
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
+# oneDNN's ISA cap (ONEDNN_MAX_CPU_ISA), as a prefix of its value -> the flag families it forbids. Capped, oneDNN
+# and ATen (with ATEN_CPU_CAPABILITY=avx2) run as on a CPU without them, so the dtype rule must see that CPU: an
+# AVX-512 machine capped at AVX2 gets float32 engines, as a laptop would (vLLM's own kernels still use the CPU's
+# full ISA, so the emulation is close, not exact).
+ISA_CAPS = (("AVX512_CORE_AMX", ()), ("AVX512_CORE_BF16", ("amx",)), ("AVX512_CORE_FP16", ("amx",)), ("AVX10", ("amx",)),
+            ("AVX512_CORE", ("amx", "avx512_bf16")), ("AVX2", ("amx", "avx512")), ("AVX", ("amx", "avx512", "avx2")),
+            ("SSE", ("amx", "avx512", "avx2")))
+
+
+def capped_flags(flags: Iterable[str], max_isa: Optional[str]) -> frozenset[str]:
+    """`flags` without those an ONEDNN_MAX_CPU_ISA value forbids (ALL, DEFAULT or unset: all kept)."""
+    flags = frozenset(flags)
+    cap = (max_isa or "").strip().upper()
+    for prefix, forbidden in ISA_CAPS:
+        if cap.startswith(prefix):
+            return frozenset(f for f in flags if not f.startswith(forbidden))
+    return flags
+
+
 def cpu_flags() -> frozenset[str]:
-    """The feature flags of this machine's CPU (Linux /proc/cpuinfo; empty elsewhere)."""
+    """The feature flags of this machine's CPU (Linux /proc/cpuinfo; empty elsewhere), less those that
+    ONEDNN_MAX_CPU_ISA caps away."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
+                    return capped_flags(line.split(":", 1)[1].split(), os.environ.get("ONEDNN_MAX_CPU_ISA"))
     except OSError:
         pass
     return frozenset()

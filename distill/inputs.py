@@ -121,9 +121,22 @@ def _iter_parquet(path: str, text_col: str) -> Iterator[tuple[str, dict | None, 
             n += 1
 
 
+def sampled_positions(uri: str, n: int, text_column: str = "text", id_column: str = "id",
+                      label_column: str = "label", seed: int = 0) -> set[int]:
+    """Input positions of `n` rows spread over the whole input: those whose id hashes lowest (the same rows on
+    every run and machine; a file grouped by label still gives a sample of every label). One read of the input."""
+    import heapq
+
+    from distill.training import id_hash
+
+    ranked = ((id_hash(row.id, seed), row.row) for row in read_queries(uri, text_column, id_column, label_column))
+    return {position for _, position in heapq.nsmallest(n, ranked)}
+
+
 def read_queries(uri: str, text_column: str = "text", id_column: str = "id", label_column: str = "label",
-                 limit: Optional[int] = None) -> Iterator[InputRow]:
-    """Every input row, in order, as an `InputRow`: text checked, id given or derived, duplicates flagged."""
+                 limit: Optional[int] = None, keep: Optional[set[int]] = None) -> Iterator[InputRow]:
+    """Every input row, in order, as an `InputRow`: text checked, id given or derived, duplicates flagged.
+    `limit`: the first N rows; `keep`: only the rows at these positions (`sampled_positions`)."""
     seen: dict[str, str] = {}
     position = 0
     for path in input_files(uri):
@@ -137,6 +150,9 @@ def read_queries(uri: str, text_column: str = "text", id_column: str = "id", lab
             if limit is not None and position >= limit:
                 return
             row = _to_row(position, where, record, reason, text_column, id_column, label_column)
+            if keep is not None and position not in keep:
+                position += 1
+                continue
             if row.reason is None:
                 first = seen.setdefault(row.id, where)
                 if first != where:

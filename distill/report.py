@@ -31,7 +31,9 @@ REPORT_KEYS: dict[str, str] = {
     "headline": "{agreement, agreement_ci95 [low, high], kappa, agreement_base, majority_agreement (the floor), "
                 "teacher_self_agreement (the ceiling), similarity, gold_accuracy {teacher, student, base} or null, "
                 "gap_closed, speedup_p50, savings_per_1k_queries_usd, break_even_queries, student_parse_rate, "
-                "ready_to_ship}: the numbers to read first (copies of values below).",
+                "ready_to_ship, selective_threshold, selective_coverage, selective_agreement, "
+                "cascade_cost_per_1k_queries_usd, teacher_cost_per_1k_queries_usd}: the numbers to read first "
+                "(copies of values below).",
     "verdict": "{ready (bool), text (the sentence the report leads with), reasons [why not], relative_to_ceiling "
                "(student agreement / teacher self-agreement)}: agreement judged against the serving threshold, the "
                "floor and the ceiling.",
@@ -64,6 +66,14 @@ REPORT_KEYS: dict[str, str] = {
                 "stopped_early, final_loss, final_val_loss, final_val_agreement, best_val_loss, best_val_agreement, "
                 "best_step, select_by, tokens_per_s, wall_s, attempts, workers, split, soft_labels, precision} and "
                 "curve [{step, examples, val_agreement, val_loss}] (the learning curve).",
+    "selective": "{target_agreement, threshold_chosen_on (where the threshold was chosen: the training run's "
+                 "validation split, never the held-out rows), selection {rows, curve, area, at_threshold} or null, "
+                 "threshold (the lowest confidence whose kept selection answers reach the target; null: none does), "
+                 "no_threshold_reason, heldout {curve [{threshold, kept, coverage, agreement}], area}, at_threshold "
+                 "{kept, judged, coverage, agreement, agreement_ci95} (the threshold applied to the held-out rows), "
+                 "deferral_rate, cascade {deferral_rate, cost_per_1k_queries_usd {teacher_only, student_only, "
+                 "cascade}, latency_p50_s {same}}, text}: the distilled student keeps a query when its confidence "
+                 "(distill.evaluation.confidence) reaches the threshold and defers it to the teacher otherwise.",
     "plots": "{name: PNG file name beside report.html} for the plots drawn.",
     "config": "The EvalConfig the report was made with.",
 }
@@ -135,6 +145,16 @@ def headline_items(report: dict[str, Any]) -> list[dict]:
     items.append({"label": "speedup (p50 latency)", "value": fmt(h["speedup_p50"], ".2f", "×"),
                   "detail": f"{fmt(runs['teacher']['latency_s']['p50'])}s → {fmt(runs['student']['latency_s']['p50'])}s",
                   "ok": None if h["speedup_p50"] is None else h["speedup_p50"] > 1})
+    sel = report.get("selective")
+    if sel:
+        at = sel["at_threshold"]
+        c = sel["cascade"]["cost_per_1k_queries_usd"]
+        items.append({"label": f"selective: kept at {sel['target_agreement']:.0%} target",
+                      "value": pct(at["coverage"]) if sel["threshold"] is not None else "none",
+                      "detail": (f"agreement {pct(at['agreement'])} ({interval(at['agreement_ci95'])}) on the kept "
+                                 f"share; cascade {usd(c['cascade'])} vs teacher-only {usd(c['teacher_only'])} per 1k"
+                                 if sel["threshold"] is not None else "no confidence threshold reaches the target"),
+                      "ok": None if sel["threshold"] is None else bool(at["coverage"])})
     be = h["break_even_queries"]
     items.append({"label": "savings per 1k queries", "value": usd(h["savings_per_1k_queries_usd"]),
                   "detail": f"distillation pays for itself after {be if be is not None else 'n/a'} queries",
@@ -196,6 +216,31 @@ def make_plots(out_dir: str, report: dict[str, Any], details: dict[str, Any]) ->
         axes[0].set_ylim(0, 1)
         fig.suptitle("Learning curve")
         save(fig, "learning_curve")
+
+    # Coverage-agreement curves: held-out and selection rows, and the chosen threshold's point.
+    sel = report.get("selective")
+    if sel and sel["heldout"]["curve"]:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        curves = [("held-out", sel["heldout"], COLORS["student"])]
+        if sel.get("selection"):
+            curves.append(("selection (threshold chosen here)", sel["selection"], COLORS["base"]))
+        for name, part, color in curves:
+            pts = part["curve"]
+            ax.step([p["coverage"] for p in pts], [p["agreement"] for p in pts], where="post", color=color,
+                    label=f"{name}, area {fmt(part['area'], '.3f')}")
+        ax.axhline(sel["target_agreement"], color="#999", linestyle="--", linewidth=1, label="target")
+        at = sel["at_threshold"]
+        if sel["threshold"] is not None and at["agreement"] is not None:
+            ax.plot([at["coverage"]], [at["agreement"]], "o", color=COLORS["teacher"],
+                    label=f"threshold {sel['threshold']:.3g} on held-out")
+        ax.set_xlabel("coverage (share of queries the student keeps)")
+        ax.set_ylabel("agreement of the kept answers")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title("Selective answering")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, "selective")
 
     # Confusion matrices (label tasks).
     labels = report.get("labels")
@@ -373,6 +418,13 @@ def render_html(report: dict[str, Any], plots: dict[str, str], examples: list[di
     stage = cost["stage_seconds"]
     distillation_text = ", ".join(f"{k} {usd(d[k + '_usd'])} ({fmt(stage.get(k), '.0f')} s)"
                                   for k in ("generation", "training", "evaluation"))
+    sel = report.get("selective")
+    selective_rows = []
+    if sel:
+        c, lat = sel["cascade"]["cost_per_1k_queries_usd"], sel["cascade"]["latency_p50_s"]
+        selective_rows = [[name, usd(c[key]), fmt(lat[key])] for name, key in (
+            ("teacher only", "teacher_only"), ("student only", "student_only"),
+            (f"cascade (defers {pct(sel['deferral_rate'])})", "cascade"))]
     example_header = ["query", "teacher", "distilled student", "confidence", "base student"] + (["gold"] if gold else [])
     example_rows = [[_short(e["text"]), _short(e["teacher_output"]), _short(e["student_output"]),
                      fmt(e.get("student_confidence"), ".2f"), _short(e["base_output"])]
@@ -392,6 +444,7 @@ def render_html(report: dict[str, Any], plots: dict[str, str], examples: list[di
         speedup_p50=fmt(report["latency"]["speedup_p50"], ".2f", "×"),
         speedup_p95=fmt(report["latency"]["speedup_p95"], ".2f", "×"),
         price_rows=price_rows, cost_row=cost_row, distillation_text=distillation_text,
+        selective=sel, selective_rows=selective_rows,
         example_header=example_header, examples=example_rows)
 
 

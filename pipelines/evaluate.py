@@ -76,6 +76,13 @@ class EvalConfig(StrictModel):
     ship_similarity: float = Field(
         0.9, ge=0, le=1, description="Free text: the share of the teacher's own consistency (ROUGE-L of greedy vs "
         "a second sample) the student's similarity must reach for the verdict.")
+    selection_split: str = Field(
+        "validation", description="Split of OUT/split.parquet the selective threshold is chosen on (the training run's "
+        "validation rows), then applied unchanged to the held-out rows. With --data there is none: no threshold.")
+    selection_limit: Optional[int] = Field(None, ge=1, description="Use only the first N selection rows (by id).")
+    target_agreement: Optional[float] = Field(
+        None, ge=0, le=1, description="Agreement the student's kept answers must reach for the selective threshold "
+        "(labels; free text: similarity); default ship_agreement / ship_similarity.")
     examples: int = Field(20, ge=0, description="Held-out rows shown side by side in the report.")
     seed: int = Field(0, description="Engine seed (answers are greedy; it draws the teacher's second sample).")
     cost: CostConfig = Field(default_factory=CostConfig, description="Prices for the cost model.")
@@ -100,6 +107,7 @@ class Inputs:
     summary: Optional[dict]     # OUT/train_summary.json
     manifest: Optional[dict]    # the generation manifest of `data`, if it is a generation output
     train_metrics: list[dict] = field(default_factory=list)  # OUT/metrics.jsonl
+    selection_rows: list[dict] = field(default_factory=list)  # rows the selective threshold is chosen on
 
 
 def _data_root(data: str) -> str:
@@ -142,17 +150,21 @@ def resolve_inputs(config: EvalConfig) -> Inputs:
         raise ConfigError("nothing to evaluate: give --train OUT (a training output) or --data HELDOUT")
     data = config.data or summary["data"]
     rows, origin = _read_rows(data)
+    rows.sort(key=lambda r: r["id"])
+    selection_rows: list[dict] = []
     if not config.data:
         split_path = join(config.train, "split.parquet")
         if not exists(split_path):
             raise ConfigError(f"--train {config.train}: no split.parquet; pass --data to say what is held out")
-        split = read_columns(split_path, ["id", "split"]).to_pylist()
-        held = {s["id"] for s in split if s["split"] == config.split}
-        if not held:
+        split = {s["id"]: s["split"] for s in read_columns(split_path, ["id", "split"]).to_pylist()}
+        if config.split not in split.values():
             raise ConfigError(f"{split_path}: no rows in split {config.split!r} (splits there: "
-                              f"{sorted({s['split'] for s in split})})")
-        rows = [r for r in rows if r["id"] in held]
-    rows.sort(key=lambda r: r["id"])
+                              f"{sorted(set(split.values()))})")
+        if config.selection_split == config.split:
+            raise ConfigError(f"selection_split {config.selection_split!r} is the held-out split: a threshold "
+                              f"chosen on the rows it is graded on would grade itself")
+        selection_rows = [r for r in rows if split.get(r["id"]) == config.selection_split][:config.selection_limit]
+        rows = [r for r in rows if split.get(r["id"]) == config.split]
     if config.limit:
         rows = rows[:config.limit]
     if not rows:
@@ -179,7 +191,7 @@ def resolve_inputs(config: EvalConfig) -> Inputs:
         task = load_task(pick("task", origin["task"]))
     manifest = read_json(join(data, "manifest.json"))
     return Inputs(
-        rows=rows, task=task,
+        rows=rows, selection_rows=selection_rows, task=task,
         teacher=pick("teacher", config.teacher, summary.get("teacher"), origin["teacher"]),
         student=pick("student", config.student, summary.get("student"), adapter_config.get("base_model_name_or_path")),
         adapter=adapter, data=data, train=config.train, summary=summary or None, manifest=manifest,
@@ -230,16 +242,20 @@ def plan_requests(config: EvalConfig, inputs: Inputs, tokenizer) -> tuple[dict[s
     def ask(r: dict, kind: str, messages: list[dict], sampling: dict) -> dict:
         return {"key": f"{r['id']}|{kind}", "messages": messages, "sampling_params": sampling}
 
+    # The selection rows need only the teacher's and the distilled student's answers (to choose the threshold).
+    selection = inputs.selection_rows
     requests = {
         "teacher": [ask(r, kind, task.teacher_messages(r["text"]), s) for r in rows
-                    for kind, s in (("answer", greedy_teacher), ("sample", sampled_teacher))],
+                    for kind, s in (("answer", greedy_teacher), ("sample", sampled_teacher))]
+        + [ask(r, "answer", task.teacher_messages(r["text"]), greedy_teacher) for r in selection],
         "base": [req for r in rows for req in (
             ask(r, "answer", task.student_messages(r["text"]), student),
             ask(r, "a", task.student_messages(r["text"]), scoring_sampling(tokens[r["id"]]["a"])),
             ask(r, "b", task.teacher_messages(r["text"]), scoring_sampling(tokens[r["id"]]["b"])))],
         "student": [req for r in rows for req in (
             ask(r, "answer", task.student_messages(r["text"]), student),
-            ask(r, "c", task.student_messages(r["text"]), scoring_sampling(tokens[r["id"]]["c"])))],
+            ask(r, "c", task.student_messages(r["text"]), scoring_sampling(tokens[r["id"]]["c"])))]
+        + [ask(r, "answer", task.student_messages(r["text"]), student) for r in selection],
     }
     return requests, {"tokens": tokens, "context_lengths": context_lengths}
 
@@ -314,6 +330,7 @@ def build_report(config: EvalConfig, inputs: Inputs, results: dict[str, dict], w
                       stage_seconds, int((inputs.summary or {}).get("workers") or 1),
                       {"generation": generation_engines, "evaluation": 1})
     speedup = M.ratio(runs["teacher"]["latency_s"]["p50"], runs["student"]["latency_s"]["p50"])
+    selective = selective_report(config, inputs, results, outputs, cost)
     s = fidelity["student"]
     headline = {
         "agreement": s["agreement"] if is_labels else None,
@@ -327,6 +344,11 @@ def build_report(config: EvalConfig, inputs: Inputs, results: dict[str, dict], w
         "savings_per_1k_queries_usd": cost["savings_per_1k_queries_usd"],
         "break_even_queries": cost["break_even_queries"], "student_parse_rate": runs["student"]["parse_rate"],
         "ready_to_ship": verdict["ready"],
+        "selective_threshold": selective["threshold"],
+        "selective_coverage": selective["at_threshold"]["coverage"],
+        "selective_agreement": selective["at_threshold"]["agreement"],
+        "cascade_cost_per_1k_queries_usd": selective["cascade"]["cost_per_1k_queries_usd"]["cascade"],
+        "teacher_cost_per_1k_queries_usd": selective["cascade"]["cost_per_1k_queries_usd"]["teacher_only"],
     }
     summary = inputs.summary or {}
     report = {
@@ -354,6 +376,7 @@ def build_report(config: EvalConfig, inputs: Inputs, results: dict[str, dict], w
             "speedup_p95": M.ratio(runs["teacher"]["latency_s"]["p95"], runs["student"]["latency_s"]["p95"]),
         },
         "cost": cost,
+        "selective": selective,
         "training": ({**{k: summary.get(k) for k in (
             "complete", "steps", "planned_steps", "stopped_early", "final_loss", "final_val_loss",
             "final_val_agreement", "best_val_loss", "best_val_agreement", "best_step", "select_by", "tokens_per_s",
@@ -369,6 +392,35 @@ def build_report(config: EvalConfig, inputs: Inputs, results: dict[str, dict], w
         "predictions": predictions_table(task, rows, results, outputs, parsed, label_of, samples, nll_rows),
     }
     return report, details
+
+
+def selective_report(config: EvalConfig, inputs: Inputs, results: dict, outputs: dict, cost: dict) -> dict:
+    """The selective section: the distilled student's confidence against its agreement with the teacher, the
+    threshold chosen on the selection rows, what it keeps of the held-out rows, and the cascade's cost and latency."""
+    task = inputs.task
+
+    def answers(run: str, rows: list[dict]) -> list[dict]:
+        return [results[run][f"{r['id']}|answer"] for r in rows]
+
+    def confidences_and_scores(rows: list[dict], teacher_out: list, student_res: list[dict]) -> dict[str, list]:
+        student_out = [None if x["error"] else x["generated_text"] for x in student_res]
+        return {"confidence": [E.confidence(task, x) for x in student_res],
+                "score": E.agreement_scores(task, teacher_out, student_out)}
+
+    held_student = answers("student", inputs.rows)
+    held = confidences_and_scores(inputs.rows, outputs["teacher"], held_student)
+    selection = None
+    if inputs.selection_rows:
+        teacher_sel = [None if x["error"] else x["generated_text"] for x in answers("teacher", inputs.selection_rows)]
+        selection = confidences_and_scores(inputs.selection_rows, teacher_sel, answers("student", inputs.selection_rows))
+    source = (f"the {config.selection_split!r} split of {inputs.train}" if inputs.train and not config.data
+              else "no selection split (--data: every row is held out)")
+    target = config.target_agreement if config.target_agreement is not None else (
+        config.ship_agreement if task.answer.type == "labels" else config.ship_similarity)
+    return E.selective_section(target, held, selection, source, {
+        "student_latency": [x["latency_s"] for x in held_student],
+        "teacher_latency": [x["latency_s"] for x in answers("teacher", inputs.rows)],
+        "student_cost": cost["per_request_usd"]["student"], "teacher_cost": cost["per_request_usd"]["teacher"]})
 
 
 LATENCY_DEFINITION = (

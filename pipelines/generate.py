@@ -29,7 +29,7 @@ from distill.config import ConfigError, StrictModel, check_settings
 from distill.sampling import teacher_sampling
 from distill.engine import EngineConfig, engine_facts, processor_config
 from distill.formats import DATA_SCHEMA, QUERY_SCHEMA, REJECT_SCHEMA
-from distill.inputs import read_queries
+from distill.inputs import read_queries, sampled_positions
 from distill.models import default_model_dir, sample_data_path
 from distill.storage import (ShardWriter, clean_temporaries, join, list_files, read_columns, read_ids, read_json,
                              remove, write_json)
@@ -44,6 +44,9 @@ class GenerateConfig(StrictModel):
     output: str = Field("runs/generate", description="Output directory or URI (data/, rejects/, manifest.json).")
     teacher: str = Field(default_model_dir(), description="Teacher model: a local folder or a hub name.")
     limit: Optional[int] = Field(None, ge=1, description="Use only the first N input rows.")
+    sample: Optional[int] = Field(
+        None, ge=1, description="Use N rows spread over the whole input (those whose id hashes lowest: the same rows "
+        "on every run; a file sorted by label still yields every label). The input is read twice.")
     text_column: str = Field("text", description="Column holding the query text (.jsonl/.parquet).")
     id_column: str = Field("id", description="Column holding a stable id; ids are derived from the text if absent.")
     label_column: str = Field("label", description="Column holding a gold label, if any (kept for evaluation).")
@@ -86,7 +89,7 @@ def settings_fingerprint(config: GenerateConfig, task: TaskSpec, sampling: dict[
     """Everything that changes what generation writes: a rerun into the same output must match it (see
     distill.config.check_settings). Sharding, flushing, logging and the actor pool's size do not, and stay free."""
     return {
-        "input": config.input, "limit": config.limit,
+        "input": config.input, "limit": config.limit, "sample": config.sample,
         "columns": [config.text_column, config.id_column, config.label_column],
         "task": task.model_dump(), "teacher": config.teacher, "sampling": sampling,
         "samples": config.samples, "retries": config.retries, "seed": config.seed, "logprobs": config.logprobs,
@@ -138,8 +141,10 @@ def prepare(config: GenerateConfig, task: TaskSpec, tokenizer, sampling: dict[st
                            "teacher_output": None})
             stats["rejected"] += 1
 
+        keep = sampled_positions(config.input, config.sample, config.text_column, config.id_column,
+                                 config.label_column) if config.sample else None
         for row in read_queries(config.input, config.text_column, config.id_column, config.label_column,
-                                config.limit):
+                                config.limit, keep):
             stats["rows_in"] += 1
             if row.reason:
                 reject(row, row.reason)

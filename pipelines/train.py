@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import numpy as np
 import pyarrow.fs as pafs
 from pydantic import Field
 
@@ -36,7 +37,9 @@ from distill.checkpoints import (AttemptClock, MetricsLog, attempts_wall_s, load
                                  save_checkpoint)
 from distill.config import ConfigError, StrictModel, check_settings
 from distill.models import default_model_dir
-from distill.storage import join, list_files, read_columns, read_json, resolve, staged_dir, write_json, write_table
+from distill.engine import EngineConfig
+from distill.storage import (join, list_files, local_dir, read_columns, read_json, resolve, staged_dir, write_json,
+                             write_table)
 
 log = logging.getLogger("distill.train")
 
@@ -54,6 +57,21 @@ class LoraOptions(StrictModel):
         "short names (q_proj, v_proj) and fused expert weights (mlp.experts.gate_up_proj).")
 
 
+class OnPolicyOptions(StrictModel):
+    rounds: int = Field(2, ge=1, description="Rounds of sample -> score -> train, each from the last round's adapter.")
+    queries_per_round: Optional[int] = Field(
+        None, ge=1, description="Training queries the student answers per round (a seeded sample; default: all).")
+    steps_per_round: Optional[int] = Field(None, ge=1, description="Optimizer steps per round (default: one pass "
+                                           "over the round's samples).")
+    temperature: float = Field(1.0, ge=0, le=2, description="The student's sampling temperature: its own "
+                               "distribution, which the reverse KL corrects.")
+    top_k: int = Field(20, ge=1, le=20, description="Teacher logprobs kept per student token (vLLM's max 20).")
+    max_new_tokens: Optional[int] = Field(None, ge=1, description="Most tokens a student sample may have; default: "
+                                          "the longest training answer + 8.")
+    teacher: Optional[str] = Field(None, description="The teacher that scores (default: the data's teacher).")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engines that sample and score.")
+
+
 class TrainConfig(StrictModel):
     data: str = Field(description="Generation output directory (reads DATA/data/*.parquet), local or URI.")
     output: str = Field("runs/train", description="Output directory: a local path or a pyarrow filesystem URI "
@@ -62,6 +80,11 @@ class TrainConfig(StrictModel):
     init_adapter: Optional[str] = Field(
         None, description="Start from this adapter (a PEFT folder or URI, e.g. the one being served) instead of a "
         "fresh one: its rank and targets must be this config's.")
+    method: Literal["sft", "on-policy"] = Field(
+        "sft", description="sft: learn the teacher's answers from the data (hard labels, soft where free). "
+        "on-policy: learn from the student's own answers, scored token by token by the prompted teacher (reverse "
+        "KL, `on_policy`); start it from an SFT adapter with init_adapter for on-policy after SFT.")
+    on_policy: OnPolicyOptions = Field(default_factory=OnPolicyOptions, description="Options of method on-policy.")
     workers: int = Field(1, ge=1, description="Ray Train workers; the model is sharded over them with FSDP2.")
     device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="auto: one GPU per worker when the cluster has GPUs, else CPU.")
@@ -377,7 +400,7 @@ def train_loop(args: dict) -> None:
         for i, examples in enumerate(micros):
             model.set_requires_gradient_sync(i == len(micros) - 1)  # reduce gradients once per step
             batch, weight = micro_batch(examples)
-            s, _ = token_losses(model, batch, prep["soft_weight"])
+            s, _ = token_losses(model, batch, prep["soft_weight"], prep.get("objective", "forward"))
             (s * (weight * world / n_targets)).backward()
             loss_sum += weight * float(s.detach())
         if config.max_grad_norm:
@@ -449,10 +472,37 @@ def export(config: TrainConfig, result) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def main(config: TrainConfig) -> dict[str, Any]:
-    import ray
+def fit(config: TrainConfig, prepared: dict, task, select_by: str, use_gpu: bool, precision: str, pad_id: int):
+    """One Ray Train run of `train_loop` over prepared shards, into config.output/checkpoints (resumed if an
+    earlier attempt left one there)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    fs, out_path = resolve(config.output)
+    trainer = TorchTrainer(
+        train_loop,
+        # The workers get OUT as the filesystem object the driver resolved (endpoint, region and all), so they
+        # read their shards and rank 0 writes metrics from whichever node they land on.
+        train_loop_config={"config": config.model_dump(), "prepared": prepared, "use_gpu": use_gpu,
+                           "precision": precision, "pad_id": pad_id, "output": (fs, out_path),
+                           "task": task.model_dump() if task else None, "select_by": select_by},
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=RunConfig(
+            name="checkpoints", storage_path=out_path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints,
+                                               checkpoint_score_attribute="score", checkpoint_score_order="min"),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result
+
+
+def main(config: TrainConfig) -> dict[str, Any]:
+    import ray
     from transformers import AutoTokenizer
 
     from distill.hardware import cluster_cpu_flags, cpu_kind, describe, training_precision
@@ -478,7 +528,6 @@ def main(config: TrainConfig) -> dict[str, Any]:
                  "unpacked); soft labels %s; best checkpoint by %s", prepared["split"], prepared["examples"]["train"],
                  prepared["steps"], prepared["skipped"] or "none", 100 * prepared["padding_waste"],
                  100 * prepared["padding_waste_unpacked"], prepared["soft_labels"], select_by)
-
         init_ray()
         use_gpu = config.device == "gpu" or (config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
         flags = cluster_cpu_flags()
@@ -486,33 +535,20 @@ def main(config: TrainConfig) -> dict[str, Any]:
         log.info("training precision %s (setting %s; %s, CPU kind %s)", precision, config.precision,
                  "GPU" if use_gpu else "CPU", cpu_kind(flags))
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        trainer = TorchTrainer(
-            train_loop,
-            # The workers get OUT as the filesystem object the driver resolved (endpoint, region and all), so they
-            # read their shards and rank 0 writes metrics from whichever node they land on.
-            train_loop_config={"config": config.model_dump(), "prepared": prepared, "use_gpu": use_gpu,
-                               "precision": precision, "pad_id": pad_id, "output": (fs, out_path),
-                               "task": task.model_dump() if task else None, "select_by": select_by},
-            scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": config.cpus_per_worker}),
-            run_config=RunConfig(
-                name="checkpoints", storage_path=out_path, storage_filesystem=fs,
-                failure_config=FailureConfig(max_failures=config.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints,
-                                                   checkpoint_score_attribute="score", checkpoint_score_order="min"),
-            ),
-        )
-        result = trainer.fit()  # resumes the run in OUT/checkpoints if an earlier attempt left one
-        if result.error:
-            raise result.error
-        exported = export(config, result)
+        run = (use_gpu, precision, pad_id)
+        if config.method == "sft":
+            exported = export(config, fit(config, prepared, task, select_by, *run))
+            rounds = None
+        else:
+            exported, rounds = on_policy(config, tokenizer, task, prepared, select_by, run)
         metrics = read_metrics(join(out, "metrics.jsonl"))
         wall_this_run = round(time.monotonic() - t0, 3)
     vals = [m for m in metrics if m.get("val_loss") is not None]
     tokens, seconds = sum(m["tokens"] for m in metrics), sum(m["step_s"] for m in metrics)
     summary = {
-        "complete": True,
-        "steps": metrics[-1]["step"], "planned_steps": prepared["steps"],
+        "complete": True, "method": config.method, "rounds": rounds,
+        "steps": metrics[-1]["step"], "planned_steps": prepared["steps"] if rounds is None else
+        sum(r["planned_steps"] for r in rounds),
         "stopped_early": bool(metrics[-1].get("early_stop")),
         "final_loss": metrics[-1]["loss"],
         "final_val_loss": vals[-1]["val_loss"] if vals else None,
@@ -524,8 +560,8 @@ def main(config: TrainConfig) -> dict[str, Any]:
         "wall_s": attempts_wall_s(out)["wall_s"], "attempts": attempts_wall_s(out)["attempts"],
         "wall_s_this_run": wall_this_run,
         "split": prepared["split"], "examples": prepared["examples"], "skipped": prepared["skipped"],
-        "soft_labels": prepared["soft_labels"], "soft_label_weight": prepared["soft_weight"],
-        "soft_examples": prepared["soft_examples"],
+        "soft_labels": prepared["soft_labels"] if rounds is None else "on-policy: reverse KL to the teacher's top-k",
+        "soft_label_weight": prepared["soft_weight"], "soft_examples": prepared["soft_examples"],
         "padding_waste": prepared["padding_waste"], "padding_waste_unpacked": prepared["padding_waste_unpacked"],
         "data": config.data, "student": config.student, "task": prepared["task"], "teacher": prepared["teacher"],
         "workers": config.workers, "device": "gpu" if use_gpu else "cpu", "precision": precision,
@@ -540,6 +576,81 @@ def main(config: TrainConfig) -> dict[str, Any]:
     return summary
 
 
+def on_policy(config: TrainConfig, tokenizer, task, prepared: dict, select_by: str, run: tuple):
+    """Rounds of on-policy distillation (distill/onpolicy.py), each in OUT/rounds/NN: the current student samples
+    the training queries without the prompt, the prompted teacher scores those tokens, Ray Train minimises the
+    reverse KL on them starting from the current adapter. A finished round is skipped on a rerun; a round's samples
+    and scores are kept, so its training resumes on exactly the same data. OUT/adapter is the last round's."""
+    from distill import onpolicy
+    from distill.modeling import merge_adapter_on_cluster
+    from distill.training import StepPlan, read_examples, same_tokenizer, write_examples, write_rank_shards
+
+    op = config.on_policy
+    teacher = op.teacher or (prepared["teacher"] if isinstance(prepared["teacher"], str) else None)
+    if not teacher:
+        raise ConfigError(f"on-policy: the data names no single teacher ({prepared['teacher']}); set on_policy.teacher")
+    same, why = same_tokenizer(tokenizer, teacher)
+    if not same:
+        raise ConfigError(f"on-policy distillation scores the student's own tokens with the teacher: {why}")
+    split = read_columns(join(config.output, "split.parquet"), ["id", "split"]).to_pylist()
+    train_ids = {r["id"] for r in split if r["split"] == "train"}
+    rows = [r for r in read_data(config) if r["id"] in train_ids]
+    texts = sorted(({"id": r["id"], "text": r["messages"][0]["content"], "answer": r["answer"]} for r in rows),
+                   key=lambda r: r["id"])
+    max_tokens = op.max_new_tokens or max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"])
+                                          for r in texts) + 8
+    policy, rounds, merged_metrics, offset = config.init_adapter, [], [], 0
+    for r in range(op.rounds):
+        rdir = join(config.output, "rounds", f"{r:02d}")
+        fs, rpath = resolve(rdir)
+        done = read_json(join(rdir, "round.json"))
+        if done is None:
+            cached = f"{rpath}/_tokens/examples.parquet"
+            if fs.get_file_info(cached).type == pafs.FileType.NotFound:
+                rng = np.random.default_rng([config.seed, r])
+                queries = [texts[i] for i in sorted(rng.permutation(len(texts))[:op.queries_per_round or len(texts)])]
+                model = config.student if policy is None else merge_adapter_on_cluster(
+                    config.student, policy, join(rdir, "policy-merged"))
+                samples = onpolicy.sample_answers(queries, task, model, op.engine, op.temperature, max_tokens,
+                                                  config.seed + r)
+                scores = onpolicy.score_with_teacher(queries, samples, task, teacher, op.engine, op.top_k,
+                                                     config.seed + r)
+                fs.create_dir(f"{rpath}/_tokens", recursive=True)
+                write_examples(fs, cached, onpolicy.examples(samples, scores, config.max_length))
+                write_json(join(rdir, "samples.json"), onpolicy.round_summary(samples, scores))
+            examples = read_examples(fs, cached)
+            plan = StepPlan.build([e.length for e in examples], config.per_device_batch_size,
+                                  config.gradient_accumulation, config.workers, 1, config.seed + r, op.steps_per_round)
+            round_prepared = {**prepared, "steps": len(plan), "soft_weight": 1.0, "objective": "reverse",
+                              "shards": write_rank_shards(fs, f"{rpath}/_tokens", examples, plan.steps, config.workers),
+                              "step_targets": [sum(examples[j].n_targets for rk in s for m in rk for j in m)
+                                               for s in plan.steps],
+                              "step_tokens": [sum(examples[j].length for rk in s for m in rk for j in m)
+                                              for s in plan.steps],
+                              "step_examples": [sum(len(m) for rk in s for m in rk) for s in plan.steps],
+                              "steps_per_epoch": len(plan)}
+            round_config = config.model_copy(update={"output": rdir, "init_adapter": policy, "merge": False})
+            exported = export(round_config, fit(round_config, round_prepared, task, select_by, *run))
+            done = {"complete": True, "round": r, "planned_steps": len(plan), "policy": policy,
+                    **(read_json(join(rdir, "samples.json")) or {}), **exported}
+            write_json(join(rdir, "round.json"), done)
+        rounds.append(done)
+        policy = join(rdir, "adapter")
+        for m in read_metrics(join(rdir, "metrics.jsonl")):  # one learning curve over every round
+            merged_metrics.append({**m, "step": m["step"] + offset, "round": r})
+        offset += done["planned_steps"]
+    out_fs, out_path = resolve(config.output)
+    with out_fs.open_output_stream(f"{out_path}/metrics.jsonl") as f:
+        f.write("".join(json.dumps(m) + "\n" for m in merged_metrics).encode())
+    with staged_dir(join(config.output, "adapter")) as staging, local_dir(policy) as last:
+        shutil.copytree(last, staging, dirs_exist_ok=True)
+    if config.merge:
+        merge_adapter_on_cluster(config.student, join(config.output, "adapter"), join(config.output, "merged"))
+    last = rounds[-1]
+    return {"best_val_loss": last.get("best_val_loss"), "best_val_agreement": last.get("best_val_agreement"),
+            "best_step": last["best_step"] + offset - last["planned_steps"], "adapter_step": offset}, rounds
+
+
 def check_rerun(config: TrainConfig) -> None:
     """A rerun into the same OUT resumes (or finds it complete); it must then train the same thing."""
     check_settings(join(config.output, "train_run.json"),
@@ -552,6 +663,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--output", help="output directory (adapter/, metrics.jsonl, split.parquet, checkpoints/)")
     p.add_argument("--student", help="student model folder or name (default: SmolLM2-135M-Instruct)")
     p.add_argument("--workers", type=int, help="Ray Train workers (FSDP2 over them)")
+    p.add_argument("--method", choices=["sft", "on-policy"], help="sft (default) or on-policy distillation")
     p.add_argument("--config", help="YAML file with TrainConfig fields (command-line options override it)")
     p.set_defaults(func=_cli)
 
@@ -562,7 +674,7 @@ def _cli(args) -> None:
 
     try:
         config = load_config(TrainConfig, args.config, data=args.data, output=args.output, student=args.student,
-                             workers=args.workers)
+                             workers=args.workers, method=args.method)
         summary = main(config)
     except TrainDataError as err:
         raise ConfigError(str(err)) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distill.engine import EngineConfig, engine_kwargs
-from distill.hardware import cpu_kind, engine_dtype, native_bf16, training_precision
+from distill.hardware import capped_flags, cpu_kind, engine_dtype, native_bf16, training_precision
 
 # Feature flags as /proc/cpuinfo lists them, trimmed to what matters.
 AVX2_LAPTOP = {"sse4_2", "avx", "avx2", "fma", "f16c"}
@@ -49,3 +49,14 @@ def test_engine_arguments_carry_the_resolved_dtype():
     # CPU engines get the small KV blocks; GPU engines keep vLLM's own unless one is set.
     assert engine_kwargs(auto, "cpu", AVX2_LAPTOP)["block_size"] == 32
     assert "block_size" not in engine_kwargs(auto, "gpu", frozenset())
+
+
+@pytest.mark.parametrize("cap, kind", [
+    (None, "amx"), ("ALL", "amx"), ("AVX2", "avx2"), ("avx2_vnni", "avx2"), ("AVX512_CORE", "avx512"),
+    ("AVX512_CORE_BF16", "avx512-bf16"), ("AVX512_CORE_AMX", "amx"),
+])
+def test_a_onednn_isa_cap_makes_the_machine_count_as_the_cpu_it_emulates(cap, kind):
+    # ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 machine emulates a laptop: its engines must then get float32 too.
+    flags = capped_flags(SAPPHIRE_RAPIDS, cap)
+    assert cpu_kind(flags) == kind
+    assert engine_dtype("auto", "cpu", flags) == ("bfloat16" if kind in ("amx", "avx512-bf16") else "float32")

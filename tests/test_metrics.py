@@ -252,9 +252,23 @@ def test_build_and_write_report_by_hand(tmp_path, tokenizer):
                     summary={"wall_s": 3600.0, "workers": 2, "steps": 10}, manifest=None, train_metrics=[
                         {"step": 1, "loss": 2.0, "examples": 8},
                         {"step": 2, "loss": 1.5, "val_loss": 1.7, "val_agreement": 0.25, "examples": 16}])
+    # Two validation rows choose the selective threshold: a confident agreeing answer (p = e^-0.04) and an unsure
+    # disagreeing one (e^-2); at target 0.9 the threshold is e^-0.04, which keeps none of the held-out answers
+    # (each p = e^-0.4) although, graded on themselves, a threshold at e^-0.4 would keep all four.
+    inputs.selection_rows = [{"id": "s1", "text": "Good day", "answer": "Final Answer: en", "gold": None},
+                             {"id": "s2", "text": "Salut", "answer": "Final Answer: fr", "gold": None}]
+    for sid, teacher_out, student_out, lp in (("s1", "Final Answer: en", "Final Answer: en", -0.01),
+                                              ("s2", "Final Answer: fr", "Final Answer: de", -0.5)):
+        results["teacher"][f"{sid}|answer"] = _result(teacher_out, 2000, 10, 0.4, [-0.1] * 10)
+        results["student"][f"{sid}|answer"] = _result(student_out, 20, 4, 0.1, [lp] * 4)
     config = EvalConfig(train="OUT", output=str(tmp_path))
     report, details = build_report(config, inputs, results, {"teacher": 10.0, "student": 5.0, "base": 5.0},
                                    {"context_lengths": [900] * 4}, "merged", tokenizer, seconds=36.0)
+    sel = report["selective"]
+    assert sel["target_agreement"] == 0.9 and sel["threshold"] == approx(math.exp(-0.04))
+    assert sel["selection"]["rows"] == 2 and sel["heldout"]["curve"] == [
+        {"threshold": approx(math.exp(-0.4)), "kept": 4, "coverage": 1.0, "agreement": 0.5}]
+    assert sel["at_threshold"]["kept"] == 0 and sel["deferral_rate"] == 1.0
 
     f = report["fidelity"]
     # student vs teacher labels: en=en, fr=fr, (none) vs es, de vs en -> 2 of 4 judged
@@ -298,7 +312,7 @@ def test_build_and_write_report_by_hand(tmp_path, tokenizer):
     paths = write_report(str(tmp_path), report, details)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert set(saved) == set(REPORT_KEYS)
-    assert set(saved["plots"]) == {"loss_curves", "learning_curve", "latency_hist", "tokens", "nll",
+    assert set(saved["plots"]) == {"loss_curves", "learning_curve", "latency_hist", "tokens", "nll", "selective",
                                    "confusion_student_vs_teacher", "confusion_base_vs_teacher",
                                    "confusion_teacher_vs_gold", "confusion_student_vs_gold", "confusion_base_vs_gold"}
     for name in saved["plots"].values():
@@ -346,6 +360,6 @@ def test_free_text_report_has_similarity_and_no_label_sections(tmp_path, tokeniz
     write_report(str(tmp_path), report, details)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert set(saved) == set(REPORT_KEYS)
-    assert set(saved["plots"]) == {"latency_hist", "tokens", "nll"}   # no training curves, no label matrices
+    assert set(saved["plots"]) == {"latency_hist", "tokens", "nll", "selective"}  # no training curves or label matrices
     page = (tmp_path / "report.html").read_text()
     assert "No training summary" in page and "undefined" in page

@@ -367,3 +367,37 @@ def test_config_takes_object_store_output_and_rejects_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match="learning_rte"):
         load_config(TrainConfig, tmp_path / "c.yaml")
     assert np.isclose(TrainConfig(data="d").learning_rate, 2e-4)
+
+
+def test_on_policy_loss_is_the_reverse_kl_over_the_teachers_top_k(tokenizer, model):
+    """On the student's own tokens, each answer position's loss is KL(student || teacher) with both distributions
+    renormalised over the teacher's top-k there; a token the teacher gives no mass leaves the support."""
+    from distill.training import Example
+
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": TEXTS[0]}], add_generation_prompt=True,
+                                           tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    sampled = tokenizer("Final Answer: fr", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = np.asarray(prompt_ids + sampled)
+    targets = np.full(len(ids), IGNORE)
+    start = len(prompt_ids)
+    targets[start - 1:-1] = ids[start:]
+    top_ids = [[t, 7, 11] for t in sampled]
+    top_lps = [[-0.2, -1.9, float("-inf")] if i == 0 else [-0.5, -1.2, -3.0] for i in range(len(sampled))]
+    ex = Example("x", ids, targets, np.arange(start - 1, len(ids) - 1), np.asarray(top_ids), np.asarray(top_lps,
+                                                                                                       np.float32))
+    batch = collate([ex], packed=True, pad_id=tokenizer.pad_token_id)
+    with torch.no_grad():
+        loss, n = token_losses(model, batch, soft_weight=1.0, objective="reverse")
+        logits = model(input_ids=torch.from_numpy(ids)[None], use_cache=False).logits[0].float()
+    expected = 0.0
+    for i, (tid, tlp) in enumerate(zip(top_ids, top_lps)):
+        keep = [j for j in range(3) if tlp[j] != float("-inf")]
+        q = torch.log_softmax(torch.tensor([tlp[j] for j in keep]), -1)                 # teacher over its top-k
+        p = torch.log_softmax(logits[start - 1 + i, [tid[j] for j in keep]], -1)        # student over the same
+        expected += float((p.exp() * (p - q)).sum())
+    assert n == len(sampled)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    # Not the forward KL of soft-label SFT: the direction matters.
+    forward, _ = token_losses(model, batch, soft_weight=1.0)
+    assert float(forward) != pytest.approx(expected, rel=1e-3)

@@ -285,3 +285,33 @@ def test_training_stops_early_when_the_selection_score_stops_improving(generated
     summary = main(config)
     assert summary["steps"] == 2 and summary["planned_steps"] == 8 and summary["stopped_early"]
     assert summary["adapter_step"] == summary["best_step"] == 1
+
+
+def test_on_policy_rounds_sample_score_and_train_and_a_round_resumes_after_a_lost_worker(generated, tiny_model,
+                                                                                          tmp_path):
+    """Two on-policy rounds on the tiny model: the student samples its own answers (vLLM through ray.data.llm),
+    the prompted teacher scores those tokens (top-k), Ray Train minimises the reverse KL; round 2 samples from
+    round 1's adapter. A worker dies in each round's training and the round resumes from its checkpoint; a rerun
+    of the finished run trains nothing."""
+    from safetensors.torch import load_file
+
+    config = TrainConfig(data=generated, output=str(tmp_path / "op"), student=tiny_model, method="on-policy",
+                         workers=1, per_device_batch_size=2, gradient_accumulation=1, learning_rate=3e-3,
+                         eval_every=2, checkpoint_every=2, validation_fraction=0.25, test_fraction=0.0,
+                         lora=LoraOptions(rank=8, alpha=16), fail_at_step=3, max_failures=1,
+                         on_policy={"rounds": 2, "queries_per_round": 8, "steps_per_round": 4, "top_k": 5,
+                                    "max_new_tokens": 8, "engine": {"batch_size": 8}})
+    summary = main(config)
+    assert summary["method"] == "on-policy" and len(summary["rounds"]) == 2 and summary["steps"] == 8
+    first, second = summary["rounds"]
+    assert first["policy"] is None and second["policy"] == os.path.join(config.output, "rounds", "00", "adapter")
+    assert first["samples"] == 8 and first["tokens"] > 0 and first["teacher_logprob_per_token"] < 0
+    for r in ("00", "01"):
+        assert os.path.exists(os.path.join(config.output, "rounds", r, "_chaos", "failed_at_step_3"))
+    # Round 2 started from round 1's adapter and moved it.
+    w0 = load_file(os.path.join(config.output, "rounds", "00", "adapter", "adapter_model.safetensors"))
+    w1 = load_file(os.path.join(config.output, "adapter", "adapter_model.safetensors"))
+    assert set(w0) == set(w1) and any(not torch.equal(w0[k], w1[k]) for k in w0)
+    metrics = read_metrics(os.path.join(config.output, "metrics.jsonl"))
+    assert [m["step"] for m in metrics] == list(range(1, 9)) and {m["round"] for m in metrics} == {0, 1}
+    assert main(config) == summary
