@@ -47,7 +47,15 @@ def machine() -> dict[str, Any]:
             gpu = torch.cuda.get_device_name(0)
     except Exception:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "gpu": gpu,
+    from distill.hardware import cpu_flags, cpu_kind, engine_dtype, training_precision
+
+    # The instruction set decides the kernels (and the dtype `auto` picks), so every figure carries it; an
+    # ONEDNN_MAX_CPU_ISA cap (emulating a CPU without AVX-512) is recorded as such.
+    flags = cpu_flags()
+    return {"cpu": cpu, "cpu_kind": cpu_kind(flags), "isa_cap": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+            "engine_dtype": engine_dtype("auto", "gpu" if gpu else "cpu", flags),
+            "training_precision": training_precision("auto", bool(gpu), flags),
+            "cores": os.cpu_count(), "memory_gib": round(mem_gib, 1), "gpu": gpu,
             "python": platform.python_version(), "versions": versions}
 
 
@@ -109,7 +117,10 @@ def write_result(name: str, result: dict[str, Any], table: list[tuple[str, str, 
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
     m = result["machine"]
     lines = [f"### {name}", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}; "
+             f"Machine: {m['cpu']}, CPU kind {m['cpu_kind']}"
+             + (f" (emulated: ONEDNN_MAX_CPU_ISA={m['isa_cap']})" if m["isa_cap"] else "")
+             + f", engines {m['engine_dtype']}, training {m['training_precision']}, {m['cores']} cores, "
+             f"{m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}; "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + f"; {result['date']}", "",
              "| figure | measured | goal | verdict |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in table]

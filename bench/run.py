@@ -1,7 +1,7 @@
 """`make bench`: every benchmark, then one summary table (bench/results/README.md).
 
     python -m bench.run                 # all
-    python -m bench.run generation      # one or more of: generation training serving
+    python -m bench.run generation      # one or more of: generation training serving fidelity
 """
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ from __future__ import annotations
 import sys
 import time
 
-from bench import generation, serving, training
+from bench import fidelity, generation, serving, training
 from bench.common import RESULTS
 
-SUITES = {"generation": generation.main, "training": training.main, "serving": serving.main}
+SUITES = {"generation": generation.main, "training": training.main, "serving": serving.main,
+          "fidelity": fidelity.main}
 
 
 def main(names: list[str]) -> None:

@@ -54,6 +54,66 @@ def train_student(folder: Path, rows: int = 104, batch_size: int = 8, merge: boo
     return json.loads((out / "train_summary.json").read_text())
 
 
+# One rank of a sharded student build (distill.modeling.build_sharded_student, what every Ray Train worker runs):
+# its resident memory after imports, and its peak once the model is built and has run one forward pass.
+SHARDED_BUILD = """
+import json, os, resource, sys
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from distill.modeling import build_sharded_student
+
+def rss_gib():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024**2
+
+dist.init_process_group("gloo")
+torch.set_num_threads(1)
+before = rss_gib()
+model, _ = build_sharded_student(sys.argv[1], "all-linear", 32, 32, 0.0, 0, torch.bfloat16, torch.device("cpu"),
+                                 "sdpa", False, MixedPrecisionPolicy())
+with torch.no_grad():
+    model(input_ids=torch.arange(64).unsqueeze(0))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+local = sum(p.to_local().numel() for p in model.parameters())
+print("BENCH_RANK " + json.dumps({"rank": dist.get_rank(), "before_gib": before, "peak_gib": peak,
+                                  "local_params": local}), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def sharded_build_memory(model_dir: str, world: int) -> list[dict]:
+    """Per rank of a `world`-rank gloo group building the student sharded: RSS before the build, peak after."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", SHARDED_BUILD, model_dir], text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT,
+                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_PORT": str(port),
+                                   "MASTER_ADDR": "127.0.0.1"})
+             for rank in range(world)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError("sharded build failed:\n" + "\n".join(o[-3000:] for o in outs))
+    return [json.loads(line[len("BENCH_RANK "):]) for o in outs for line in o.splitlines()
+            if line.startswith("BENCH_RANK ")]
+
+
+def memory_figure(model_dir: str) -> tuple[dict, tuple[str, str, str, str]]:
+    """Peak host memory per worker for the model's share (peak minus what the process held before the build),
+    with 1 and 2 workers on the same model (bf16 base, as on GPUs)."""
+    one, two = sharded_build_memory(model_dir, 1), sharded_build_memory(model_dir, 2)
+    share = {n: max(r["peak_gib"] - r["before_gib"] for r in ranks) for n, ranks in ((1, one), (2, two))}
+    ratio = share[2] / share[1]
+    row = ("peak host memory per worker for the model, 2 workers ÷ 1 (sharded build, SmolLM2 bf16)",
+           f"{ratio:.2f}× ({share[2] * 1024:.0f} vs {share[1] * 1024:.0f} MiB over the process's "
+           f"{one[0]['before_gib'] * 1024:.0f} MiB of imports)", "≤ 0.6×", verdict(ratio, 0.6, higher_is_better=False))
+    return {"one_worker": one, "two_workers": two, "model_share_gib": share, "ratio": ratio}, row
+
+
 def main(rows: int = 104, batch_size: int = 8) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         summary = train_student(Path(tmp), rows, batch_size)
@@ -66,8 +126,10 @@ def main(rows: int = 104, batch_size: int = 8) -> None:
               f"{ratio:.2f}× ({summary['tokens_per_s']:.0f} vs {baseline['tokens_per_s']:.0f} tokens/s; padding "
               f"waste {summary['padding_waste']:.0%} packed vs {summary['padding_waste_unpacked']:.0%} padded; "
               f"{summary['precision']})", "≥ 3×", verdict(ratio, 3))]
+    memory, row = memory_figure(default_model_dir())
+    table.append(row)
     write_result("training", {"rows": rows, "batch_size": batch_size, "distill_train": summary,
-                              "baseline": baseline, "ratio": ratio}, table)
+                              "baseline": baseline, "ratio": ratio, "memory_per_worker": memory}, table)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,23 @@ def split_of(ids: list[str], validation_fraction: float, seed: int = 0, test_fra
     return split
 
 
+def split_keeping(rows: list[dict], earlier: dict[str, str], held_texts: set[str], validation_fraction: float,
+                  seed: int = 0) -> dict[str, str]:
+    """The split of a retraining on old + new rows (serving's captured answers, say) that keeps an earlier run's
+    held-out rows held out: an id the earlier split had keeps its part, so its test rows are the same test rows
+    and the two runs' evaluations compare; a new row whose text is one of the earlier held-out texts is
+    "excluded" (a captured copy of a test query must not train); every other new row is train or validation by
+    its id hash, never test."""
+    new = [r["id"] for r in rows if r["id"] not in earlier and r["text"] not in held_texts]
+    split = split_of(new, validation_fraction, seed) if new else {}
+    for r in rows:
+        if r["id"] in earlier:
+            split[r["id"]] = earlier[r["id"]]
+        elif r["text"] in held_texts:
+            split[r["id"]] = "excluded"
+    return split
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenization
 class Skip(Exception):

@@ -497,26 +497,18 @@ def main(config: EvalConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 def add_cli(subparsers) -> None:
+    from distill.config import add_config_arguments
+
     p = subparsers.add_parser("eval", help="held-out fidelity, gold accuracy, gap closed, latency and cost report")
-    p.add_argument("--train", help="training output OUT (train_summary.json, split.parquet, adapter/, metrics)")
-    p.add_argument("--data", help="held-out data: generation output folder or DATA_SCHEMA Parquet (all rows)")
-    p.add_argument("--task", help="task name or YAML (default: the one training used)")
-    p.add_argument("--teacher", help="teacher model (default: the one that generated the data)")
-    p.add_argument("--student", help="base student model (default: the one training used, else the adapter's base)")
-    p.add_argument("--adapter", help="LoRA adapter folder (default: OUT/adapter)")
-    p.add_argument("--output", help="report directory (default: runs/eval)")
-    p.add_argument("--limit", type=int, help="only the first N held-out rows")
-    p.add_argument("--config", help="YAML file with EvalConfig fields (command-line options override it)")
+    add_config_arguments(p, EvalConfig)
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> None:
-    from distill.config import load_config
+    from distill.config import config_from_args
     from distill.report import headline_lines
 
-    config = load_config(EvalConfig, args.config, train=args.train, data=args.data, task=args.task,
-                         teacher=args.teacher, student=args.student, adapter=args.adapter, output=args.output,
-                         limit=args.limit)
+    config = config_from_args(EvalConfig, args)
     report = main(config)
     print("\n".join(headline_lines(report)))
     print(f"report: {join(config.output, 'report.html')}\n        {join(config.output, 'report.md')}\n"

@@ -458,23 +458,19 @@ def _generate(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any], 
 
 
 def add_cli(subparsers) -> None:
+    from distill.config import add_config_arguments
+
     p = subparsers.add_parser("generate", help="teacher answers queries with the task prompt -> student data")
-    p.add_argument("--task", help="built-in task name or task YAML path (default: language-id)")
-    p.add_argument("--input", help="queries: .txt/.jsonl/.parquet file or folder, local or URI")
-    p.add_argument("--output", help="output directory or URI")
-    p.add_argument("--teacher", help="teacher model folder or name")
-    p.add_argument("--limit", type=int, help="only the first N input rows")
-    p.add_argument("--config", help="YAML file with GenerateConfig fields (command-line options override it)")
+    add_config_arguments(p, GenerateConfig)
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> None:
     import json
 
-    from distill.config import load_config
+    from distill.config import config_from_args
 
-    config = load_config(GenerateConfig, args.config, task=args.task, input=args.input, output=args.output,
-                         teacher=args.teacher, limit=args.limit)
+    config = config_from_args(GenerateConfig, args)
     manifest = main(config)
     print(json.dumps({k: manifest[k] for k in ("rows_in", "rows_written", "rows_rejected", "reject_reasons")},
                      indent=2))

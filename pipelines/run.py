@@ -12,6 +12,7 @@ from its last checkpoint), so a preempted job that is submitted again picks up w
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Literal, Optional
 
@@ -46,7 +47,13 @@ class RunConfig(StrictModel):
     student: str = Field(default_model_dir(), description="Student base model (folder or hub name).")
     input: str = Field(str(sample_data_path()), description="Queries (file, folder or URI) for generation.")
     limit: Optional[int] = Field(None, ge=1, description="Use only the first N input rows.")
+    data: Optional[str] = Field(
+        None, description="Train on this existing generation output instead of OUTPUT/generate (run the stages "
+        "train,eval). With train.extra_data (serving's capture), train.held_out_from and train.init_adapter it "
+        "retrains the served student on old + captured data and evaluates it on the earlier run's test rows.")
     stages: list[Stage] = Field(list(STAGES), description="Stages to run, in pipeline order.")
+    sizing: Optional[str] = Field(None, description="What the run is sized for and why (printed with the plan at "
+                                  "the start, so a user sees why it runs what it runs).")
     generate: dict[str, Any] = Field(default_factory=dict, description="GenerateConfig options (pipelines/generate.py).")
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig options (pipelines/train.py).")
     eval: dict[str, Any] = Field(default_factory=dict, description="EvalConfig options (pipelines/evaluate.py).")
@@ -60,6 +67,8 @@ class RunConfig(StrictModel):
             if clash:
                 raise ValueError(f"{stage}: {', '.join(clash)} are set by the run itself (top-level output, task, "
                                  f"teacher, student, input, limit); remove them from the {stage} section")
+        if self.data and "generate" in self.stages:
+            raise ValueError("data names an existing generation output: run only the stages train,eval")
         # Build every stage config now, so a typo in any section fails before the first stage starts.
         self.generate_config(), self.train_config(), self.eval_config()
         return self
@@ -73,7 +82,7 @@ class RunConfig(StrictModel):
                             "generate")
 
     def train_config(self) -> TrainConfig:
-        return build_config(TrainConfig, {**self.train, "data": self.stage_dir("generate"),
+        return build_config(TrainConfig, {**self.train, "data": self.data or self.stage_dir("generate"),
                                           "output": self.stage_dir("train"), "student": self.student}, "train")
 
     def eval_config(self) -> EvalConfig:
@@ -82,11 +91,37 @@ class RunConfig(StrictModel):
                                          "adapter": join(train, "adapter"), "output": self.stage_dir("eval")}, "eval")
 
 
+def plan_lines(config: RunConfig) -> list[str]:
+    """What the run will do, in a few lines: rows, steps, held-out rows, engine dtype and training precision with
+    the CPU kind they were decided from, and the config's own word on why it is sized so."""
+    from distill.engine import engine_facts
+    from distill.hardware import cluster_cpu_flags, training_precision
+
+    g, t, e = config.generate_config(), config.train_config(), config.eval_config()
+    rows = (f"a sample of {g.sample} rows spread over the labels" if g.sample else
+            f"the first {g.limit} rows" if g.limit else "every row")
+    facts = engine_facts(g.engine)
+    precision = training_precision(t.precision, facts["device"] == "gpu", cluster_cpu_flags())
+    steps = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs} epoch(s)"
+    lines = [f"generate: {rows} of {config.input}, {g.samples} teacher sample(s) each",
+             f"train ({t.method}): {steps} of {t.per_device_batch_size * t.gradient_accumulation * t.workers} "
+             f"examples, {t.workers} worker(s); held out: {t.test_fraction:.0%} test, {t.validation_fraction:.0%} "
+             f"validation",
+             f"eval: {'the first ' + str(e.limit) if e.limit else 'all'} test rows; selective threshold on the "
+             f"{e.selection_split} rows",
+             f"engines {facts['dtype']} on {facts['device']}, training {precision} (CPU kind {facts['cpu_kind']}, "
+             f"{facts['driver_cpu']}, {os.cpu_count()} cores)"]
+    return lines + ([f"why this size: {config.sizing}"] if config.sizing else [])
+
+
 def main(config: RunConfig) -> dict[str, Any]:
     from distill.ray_init import init_ray
     from pipelines import evaluate, generate, train
 
     init_ray()
+    for line in plan_lines(config):
+        log.info("plan: %s", line)
+        print(f"plan: {line}", flush=True)
     record_path = join(config.output, "run.json")
     record = read_json(record_path) or {"stages": {}}
     record["config"] = config.model_dump()
@@ -112,19 +147,18 @@ def main(config: RunConfig) -> dict[str, Any]:
 
 
 def add_cli(subparsers) -> None:
+    from distill.config import add_config_arguments
+
     p = subparsers.add_parser("run", help="generate -> train -> eval in one job (skips complete, resumes partial)")
-    p.add_argument("--config", help="YAML file with RunConfig fields (see configs/)")
-    p.add_argument("--output", help="output root, local or URI (overrides the config)")
-    p.add_argument("--stages", help="comma-separated subset of generate,train,eval")
+    add_config_arguments(p, RunConfig)
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> None:
-    from distill.config import load_config
+    from distill.config import config_from_args
     from distill.report import headline_lines
 
-    stages = args.stages.split(",") if args.stages else None
-    config = load_config(RunConfig, args.config, output=args.output, stages=stages)
+    config = config_from_args(RunConfig, args)
     record = main(config)
     for stage, result in record["stages"].items():
         print(f"{stage}: {result}" if stage != "eval" else "eval:")

@@ -38,8 +38,8 @@ from distill.checkpoints import (AttemptClock, MetricsLog, attempts_wall_s, load
 from distill.config import ConfigError, StrictModel, check_settings
 from distill.models import default_model_dir
 from distill.engine import EngineConfig
-from distill.storage import (join, list_files, local_dir, read_columns, read_json, resolve, staged_dir, write_json,
-                             write_table)
+from distill.storage import (exists, join, list_files, local_dir, read_columns, read_json, resolve, staged_dir,
+                             write_json, write_table)
 
 log = logging.getLogger("distill.train")
 
@@ -74,6 +74,14 @@ class OnPolicyOptions(StrictModel):
 
 class TrainConfig(StrictModel):
     data: str = Field(description="Generation output directory (reads DATA/data/*.parquet), local or URI.")
+    extra_data: list[str] = Field(
+        default_factory=list, description="More outputs in the generation data format trained on with `data` (for "
+        "example serving's capture URI, the flywheel); a query already in an earlier source is kept once.")
+    held_out_from: Optional[str] = Field(
+        None, description="An earlier training output whose held-out rows stay held out: its ids keep their split "
+        "(the same test rows, so the evaluations compare), new rows with the text of one of its test or validation "
+        "rows never train, other new rows are split into train and validation only. Pair it with init_adapter "
+        "(the adapter being served) to retrain on old + captured data.")
     output: str = Field("runs/train", description="Output directory: a local path or a pyarrow filesystem URI "
                         "(s3://, gs://, ...) that every node can reach.")
     student: str = Field(default_model_dir(), description="Student model: a local folder or a hub name.")
@@ -168,11 +176,20 @@ RERUN_FREE = {"max_failures", "fail_at_step", "merge", "export", "cpus_per_worke
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Prepare
 def read_data(config: TrainConfig) -> list[dict]:
-    data = join(config.data, "data")
+    """The rows of `data`, then those of each `extra_data` source whose id and text no earlier source has."""
+    rows = read_source(config.data)
+    for source in config.extra_data:
+        ids, texts = {r["id"] for r in rows}, {r["text"] for r in rows}
+        rows += [r for r in read_source(source) if r["id"] not in ids and r["text"] not in texts]
+    return rows
+
+
+def read_source(source: str) -> list[dict]:
+    data = join(source, "data")
     if not list_files(data):
         raise ConfigError(f"{data}: no Parquet files; run `distill generate` first (or check --data)")
     try:
-        table = read_columns(data, ["id", "messages", "answer", "task", "teacher", "teacher_token_ids", "topk_ids",
+        table = read_columns(data, ["id", "text", "messages", "answer", "task", "teacher", "teacher_token_ids", "topk_ids",
                                     "topk_logprobs"])
     except Exception as err:  # a Parquet file without the contract's columns
         raise ConfigError(f"{data}: not generation output ({err})") from None
@@ -209,7 +226,7 @@ def prepare(config: TrainConfig, tokenizer, fs, out_path: str) -> dict[str, Any]
     need."""
     import pyarrow as pa
 
-    from distill.training import (StepPlan, TrainDataError, padding_waste, split_of, tokenize_rows,
+    from distill.training import (StepPlan, TrainDataError, padding_waste, split_keeping, split_of, tokenize_rows,
                                   write_examples, write_rank_shards)
 
     rows = read_data(config)
@@ -217,7 +234,10 @@ def prepare(config: TrainConfig, tokenizer, fs, out_path: str) -> dict[str, Any]
     if len(set(ids)) != len(ids):
         raise ConfigError(f"{config.data}: duplicate ids; the split by id needs unique ids")
     excluded = set(read_columns(config.exclude_ids, ["id"]).column("id").to_pylist()) if config.exclude_ids else set()
-    split = split_of(ids, config.validation_fraction, config.split_seed, config.test_fraction)
+    if config.held_out_from:
+        split = split_keeping(rows, *held_out_of(config.held_out_from), config.validation_fraction, config.split_seed)
+    else:
+        split = split_of(ids, config.validation_fraction, config.split_seed, config.test_fraction)
     split.update({i: "excluded" for i in excluded if i in split})
     ordered = sorted(ids)
     write_table(join(config.output, "split.parquet"),
@@ -266,6 +286,20 @@ def prepare(config: TrainConfig, tokenizer, fs, out_path: str) -> dict[str, Any]
         "padding_waste_unpacked": padding_waste(micro_lengths, packed=False),
         "task": _one(rows, "task"), "teacher": _one(rows, "teacher"),
     }
+
+
+def held_out_of(earlier: str) -> tuple[dict[str, str], set[str]]:
+    """(id -> split, texts of the held-out rows) of an earlier training output."""
+    split_path = join(earlier, "split.parquet")
+    summary = read_json(join(earlier, "train_summary.json"))
+    if summary is None or not exists(split_path):
+        raise ConfigError(f"held_out_from {earlier}: not a finished training output (no train_summary.json or "
+                          f"split.parquet)")
+    split = {r["id"]: r["split"] for r in read_columns(split_path, ["id", "split"]).to_pylist()}
+    held = {i for i, part in split.items() if part in ("test", "validation")}
+    texts = {r["text"] for source in [summary["data"], *summary.get("extra_data", [])]
+             for r in read_columns(join(source, "data"), ["id", "text"]).to_pylist() if r["id"] in held}
+    return split, texts
 
 
 def _one(rows: list[dict], key: str):
@@ -563,7 +597,8 @@ def main(config: TrainConfig) -> dict[str, Any]:
         "soft_labels": prepared["soft_labels"] if rounds is None else "on-policy: reverse KL to the teacher's top-k",
         "soft_label_weight": prepared["soft_weight"], "soft_examples": prepared["soft_examples"],
         "padding_waste": prepared["padding_waste"], "padding_waste_unpacked": prepared["padding_waste_unpacked"],
-        "data": config.data, "student": config.student, "task": prepared["task"], "teacher": prepared["teacher"],
+        "data": config.data, "extra_data": config.extra_data, "held_out_from": config.held_out_from,
+        "student": config.student, "task": prepared["task"], "teacher": prepared["teacher"],
         "workers": config.workers, "device": "gpu" if use_gpu else "cpu", "precision": precision,
         "cpu": describe(flags),
         "adapter": join(out, "adapter"), "merged": join(out, "merged") if config.merge else None,
@@ -658,23 +693,19 @@ def check_rerun(config: TrainConfig) -> None:
 
 
 def add_cli(subparsers) -> None:
+    from distill.config import add_config_arguments
+
     p = subparsers.add_parser("train", help="LoRA student learns the teacher's answers without the prompt")
-    p.add_argument("--data", help="generation output directory (reads DATA/data/*.parquet)")
-    p.add_argument("--output", help="output directory (adapter/, metrics.jsonl, split.parquet, checkpoints/)")
-    p.add_argument("--student", help="student model folder or name (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--workers", type=int, help="Ray Train workers (FSDP2 over them)")
-    p.add_argument("--method", choices=["sft", "on-policy"], help="sft (default) or on-policy distillation")
-    p.add_argument("--config", help="YAML file with TrainConfig fields (command-line options override it)")
+    add_config_arguments(p, TrainConfig)
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> None:
-    from distill.config import load_config
+    from distill.config import config_from_args
     from distill.training import TrainDataError
 
     try:
-        config = load_config(TrainConfig, args.config, data=args.data, output=args.output, student=args.student,
-                             workers=args.workers, method=args.method)
+        config = config_from_args(TrainConfig, args)
         summary = main(config)
     except TrainDataError as err:
         raise ConfigError(str(err)) from None

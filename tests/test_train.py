@@ -401,3 +401,19 @@ def test_on_policy_loss_is_the_reverse_kl_over_the_teachers_top_k(tokenizer, mod
     # Not the forward KL of soft-label SFT: the direction matters.
     forward, _ = token_losses(model, batch, soft_weight=1.0)
     assert float(forward) != pytest.approx(expected, rel=1e-3)
+
+
+def test_retraining_on_captured_rows_keeps_the_earlier_held_out_rows_held_out():
+    from distill.training import split_keeping
+
+    earlier = {"a": "train", "b": "test", "c": "validation"}
+    held_texts = {"text of b", "text of c"}
+    rows = [{"id": "a", "text": "text of a"}, {"id": "b", "text": "text of b"}, {"id": "c", "text": "text of c"},
+            # serving captured b's query under a content id: it must not train
+            {"id": "cap-b", "text": "text of b"}]
+    rows += [{"id": f"new{i}", "text": f"new query {i}"} for i in range(40)]
+    split = split_keeping(rows, earlier, held_texts, validation_fraction=0.2)
+    assert {k: split[k] for k in earlier} == earlier and split["cap-b"] == "excluded"
+    new = [split[f"new{i}"] for i in range(40)]
+    assert "test" not in new and {"train", "validation"} <= set(new)
+    assert len(split) == len(rows)

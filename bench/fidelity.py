@@ -1,0 +1,123 @@
+"""Fidelity benchmark: which training method brings the student closest to its teacher, at equal training steps.
+
+    python -m bench.run fidelity                    # on the demo's data (generated first if missing)
+    python -m bench.fidelity --data runs/demo/generate --steps 60
+
+Four methods, each the same number of optimizer steps of the same batch on the same generation output (the
+demo's: SmolLM2 teaching itself language-id), each evaluated by `distill eval` on the same test split:
+- hard SFT: the teacher's sampled answers as targets (soft_label_weight 0);
+- soft SFT: the same plus KL to the teacher's top-20 logprobs at each answer token (the default where free);
+- on-policy: the student samples answers without the prompt, the prompted teacher scores those tokens, reverse
+  KL on them; 2 rounds of half the steps each, from the base student;
+- SFT then on-policy: half the steps of soft SFT, then one on-policy round of the other half from its adapter.
+On-policy rounds also spend engine time sampling and scoring: the table's wall time counts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.common import run_script, write_result
+from distill.storage import read_json
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def methods(train: dict[str, Any], steps: int, engine: dict[str, Any]) -> list[tuple[str, str, list[dict]]]:
+    """(key, title, the train configs run one after another; a later one starts from the earlier's adapter)."""
+    half = max(1, steps // 2)
+    sft = {**train, "max_steps": steps}
+    on_policy = {"method": "on-policy", "on_policy": {"engine": engine}}
+    return [
+        ("hard", "hard-label SFT", [{**sft, "soft_label_weight": 0.0}]),
+        ("soft", "soft-label SFT (top-20 KL)", [sft]),
+        ("on-policy", "on-policy (reverse KL, 2 rounds)",
+         [{**sft, **on_policy, "on_policy": {**on_policy["on_policy"], "rounds": 2, "steps_per_round": half}}]),
+        ("sft+on-policy", "soft SFT, then 1 on-policy round",
+         [{**sft, "max_steps": half},
+          {**sft, **on_policy, "on_policy": {**on_policy["on_policy"], "rounds": 1, "steps_per_round": steps - half}}]),
+    ]
+
+
+def run_method(work: Path, data: str, configs: list[dict], eval_config: dict) -> dict[str, Any]:
+    adapter, wall = None, 0.0
+    for i, config in enumerate(configs):
+        out = work / f"train-{i}"
+        if adapter:
+            config = {**config, "init_adapter": adapter}
+        path = work / f"train-{i}.yaml"
+        path.write_text(yaml.safe_dump({**config, "merge": True}))
+        run_script(["-m", "distill.cli", "train", "--data", data, "--output", str(out), "--config", str(path)],
+                   timeout=3600)
+        summary = read_json(str(out / "train_summary.json"))
+        wall += summary["wall_s"]
+        adapter = str(out / "adapter")
+    path = work / "eval.yaml"
+    path.write_text(yaml.safe_dump(eval_config))
+    run_script(["-m", "distill.cli", "eval", "--train", str(out), "--output", str(work / "eval"), "--config",
+                str(path)], timeout=3600)
+    report = read_json(str(work / "eval" / "report.json"))
+    return {"train_wall_s": round(wall, 1), "steps": sum(c.get("max_steps", 0) if c.get("method") != "on-policy"
+                                                         else c["on_policy"]["rounds"] * c["on_policy"]["steps_per_round"]
+                                                         for c in configs),
+            "headline": report["headline"], "fidelity": report["fidelity"], "nll": report["nll"],
+            "verdict": report["verdict"]["text"], "eval_wall_s": report["seconds"]}
+
+
+def main(data: str | None = None, steps: int | None = None, keep: str | None = None) -> dict[str, Any]:
+    demo = yaml.safe_load(DEMO.read_text())
+    train = {k: v for k, v in demo["train"].items() if k not in ("merge",)}
+    steps = steps or train.get("max_steps", 60)
+    eval_config = demo.get("eval", {})
+    engine = eval_config.get("engine", {})
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(keep or tmp)
+        if data is None:
+            data = str(work / "generate")
+            gen = work / "generate.yaml"
+            gen.write_text(yaml.safe_dump({**demo["generate"], "task": demo["task"]}))
+            run_script(["-m", "distill.cli", "generate", "--output", data, "--config", str(gen)], timeout=3600)
+        results = {}
+        for key, title, configs in methods(train, steps, engine):
+            print(f"== fidelity: {title}", flush=True)
+            results[key] = {"title": title, **run_method(work / key, data, configs, eval_config)}
+    ceiling = next(iter(results.values()))["fidelity"]["ceiling"]["teacher_vs_sample"]["agreement"]
+    floor = next(iter(results.values()))["fidelity"]["floor"]["rate"]
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f} %"
+
+    table = []
+    for key, r in results.items():
+        h = r["headline"]
+        ci = h["agreement_ci95"]
+        relative = h["agreement"] / ceiling if h["agreement"] is not None and ceiling else None
+        gap = "n/a" if h["gap_closed"] is None else f"{h['gap_closed']:.2f}"
+        kappa = "n/a" if h["kappa"] is None else f"{h['kappa']:.2f}"
+        measured = (f"agreement {pct(h['agreement'])} (95 % CI {pct(ci[0]) if ci else 'n/a'}–"
+                    f"{pct(ci[1]) if ci else 'n/a'}), κ {kappa}, {pct(relative)} of the teacher's self-agreement; "
+                    f"gap closed {gap}; {r['steps']} steps, training {r['train_wall_s']:.0f} s")
+        table.append((r["title"], measured, "≥ 90 % of the ceiling",
+                      "met" if relative is not None and relative >= 0.9 else "MISSED"))
+    result = {"data": data, "steps": steps, "ceiling_teacher_vs_sample": ceiling, "floor_majority": floor,
+              "methods": results}
+    write_result("fidelity", result, table)
+    print(f"teacher self-agreement (ceiling) {pct(ceiling)}; always the commonest label (floor) {pct(floor)}")
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="a generation output (default: generate the demo's sample first)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per method (default: the demo's)")
+    parser.add_argument("--keep", help="work folder to keep (default: a temporary one)")
+    args = parser.parse_args()
+    main(args.data, args.steps, args.keep)
+    print(json.dumps({"done": True}))
