@@ -8,6 +8,12 @@ never an exception, so a bad request cannot look like a failing replica.
 
 Adapters may be local folders or object-store URIs (s3://, gs://): vLLM reads only local files, so the replica
 that loads an adapter downloads it first (distill.storage.local_dir) and removes the download when it shuts down.
+
+Every answer of the served task carries its confidence, `distill.evaluation.confidence` over the logprobs of the
+answer's own tokens (the number the evaluation report's selective section uses): each request asks the engine for
+logprobs=1, the sampled token's logprob, which vLLM computes after the grammar mask of guided decoding, so for a
+guided label answer it is normalised over the allowed labels. A thinking teacher's reasoning tokens are left out
+(the answer starts after `</think>`, as in generation).
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from typing import AsyncIterator, Optional
 
 from distill.engine import adapter_rank, vllm_max_lora_rank
+from distill.evaluation import confidence
 from distill.storage import local_dir
-from distill.tasks import THINK_OPEN, TaskSpec, load_task, split_reasoning
+from distill.tasks import THINK_CLOSE, THINK_OPEN, TaskSpec, load_task, split_reasoning
 from serve.config import StudentArmConfig, TeacherArmConfig
 from serve.protocol import ThinkSplitter
 
@@ -42,6 +50,26 @@ def teacher_conversation(task: TaskSpec, messages: list[dict[str, str]]) -> list
         else:
             convo.insert(0, {"role": "system", "content": client_system})
     return convo[:-1] + history + convo[-1:]
+
+
+def sampled_logprobs(output) -> tuple[list[float], list[str]]:
+    """(logprob, text) of each token a vLLM CompletionOutput (or one streamed delta of it) sampled."""
+    lps, texts = [], []
+    for position, token in zip(output.logprobs or [], output.token_ids):
+        chosen = position[token]  # the sampled token is always among the returned ones
+        lps.append(chosen.logprob)
+        texts.append(chosen.decoded_token or "")
+    return lps, texts
+
+
+def answer_confidence(task: TaskSpec, lps: list[float], texts: list[str]) -> Optional[float]:
+    """The confidence of an answer from its tokens' logprobs, reasoning excluded (see the module docstring)."""
+    if THINK_CLOSE in "".join(texts):
+        from pipelines.generate import answer_start  # the tokens after </think>, as generation aligns them
+
+        start = answer_start(texts)
+        lps = lps[start:]
+    return confidence(task, {"token_logprobs": lps, "error": None})
 
 
 class LLMArm:
@@ -78,6 +106,7 @@ class LLMArm:
             self.downloads.close()
             raise
         self.loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(adapters.items())}
+        self.lora_enabled = bool(adapters)
         self.cancelled_streams = 0  # streams whose reader went away (a client disconnect): vLLM aborted them
 
         guided = self.config.guided if self.config.guided is not None else self.task.teacher.constrained
@@ -110,7 +139,8 @@ class LLMArm:
 
     async def info(self) -> dict:
         return {"role": self.role, "model": self.config.model, "adapters": sorted(self.loras),
-                "max_model_len": self.max_model_len, "guided_choices": self.choices,
+                "lora_enabled": self.lora_enabled, "max_model_len": self.max_model_len,
+                "guided_choices": self.choices,
                 # Requests the engine still holds (running or queued): 0 once every answer is done or aborted.
                 "unfinished_requests": self.engine.get_num_unfinished_requests(),
                 "cancelled_streams": self.cancelled_streams}
@@ -159,17 +189,23 @@ class LLMArm:
             stop=req.get("stop"),
             structured_outputs=StructuredOutputsParams(choice=choices) if choices else None,
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+            logprobs=1,  # the sampled token's logprob, for the answer's confidence
         )
+        # Another task's adapter answers its own task, whose confidence this task's definition cannot judge.
+        scored = self.role == TEACHER_ROLE or lora is None or lora.lora_name == self.task.name
         return {
             "prompt": TokensPrompt(prompt_token_ids=prompt_ids), "params": params, "lora": lora,
-            "prompt_tokens": len(prompt_ids),
+            "prompt_tokens": len(prompt_ids), "scored": scored,
             # Qwen3-Thinking style templates open the think block themselves: the output starts inside it.
             "think_opened": prompt_text.rstrip().endswith(THINK_OPEN),
             "request_id": f"{self.role}-{req.get('request_id') or uuid.uuid4().hex}",
         }
 
     async def generate(self, req: dict) -> dict:
-        """A whole answer: visible text, reasoning (teacher), token counts and finish reason — or an error."""
+        """A whole answer: visible text, reasoning (teacher), the raw output, token counts (prompt, of them
+        prefix-cached, completion), finish reason, confidence and the seconds spent in this replica — or an
+        error."""
+        started = time.perf_counter()
         prep = self._prepare(req, stream=False)
         if "error" in prep:
             return prep
@@ -183,8 +219,11 @@ class LLMArm:
             reasoning, visible, _ = split_reasoning(("<think>" if prep["think_opened"] else "") + raw)
         else:
             reasoning, visible = None, raw
-        return {"text": visible, "reasoning": reasoning, "prompt_tokens": prep["prompt_tokens"],
-                "completion_tokens": len(output.token_ids), "finish_reason": output.finish_reason or "stop"}
+        return {"text": visible, "reasoning": reasoning, "raw": raw, "prompt_tokens": prep["prompt_tokens"],
+                "cached_tokens": final.num_cached_tokens or 0, "completion_tokens": len(output.token_ids),
+                "finish_reason": output.finish_reason or "stop",
+                "confidence": answer_confidence(self.task, *sampled_logprobs(output)) if prep["scored"] else None,
+                "engine_s": time.perf_counter() - started}
 
     async def stream(self, req: dict) -> AsyncIterator[dict]:
         """The answer as it is generated. The first item is either an error or {"accepted": ...}, so the gateway
@@ -195,12 +234,18 @@ class LLMArm:
             return
         yield {"accepted": True, "prompt_tokens": prep["prompt_tokens"]}
         splitter = ThinkSplitter(opened=prep["think_opened"]) if self.role == TEACHER_ROLE else None
-        completion_tokens, finish_reason = 0, None
+        completion_tokens, finish_reason, cached_tokens = 0, None, 0
+        raw, lps, texts = [], [], []
         try:
             async for out in self.engine.generate(prep["prompt"], prep["params"], prep["request_id"],
                                                   lora_request=prep["lora"]):
                 output = out.outputs[0]
                 completion_tokens += len(output.token_ids)
+                cached_tokens = out.num_cached_tokens or cached_tokens
+                raw.append(output.text)
+                piece_lps, piece_texts = sampled_logprobs(output)
+                lps += piece_lps
+                texts += piece_texts
                 reasoning, content = splitter.feed(output.text) if splitter else ("", output.text)
                 if reasoning or content:
                     yield {"reasoning": reasoning, "content": content}
@@ -216,4 +261,5 @@ class LLMArm:
             if reasoning or content:
                 yield {"reasoning": reasoning, "content": content}
         yield {"done": True, "finish_reason": finish_reason or "stop", "prompt_tokens": prep["prompt_tokens"],
-               "completion_tokens": completion_tokens}
+               "cached_tokens": cached_tokens, "completion_tokens": completion_tokens, "raw": "".join(raw),
+               "confidence": answer_confidence(self.task, lps, texts) if prep["scored"] else None}

@@ -3,6 +3,7 @@ parser does not import Ray Serve and FastAPI for every other subcommand."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from typing import Any, Optional
@@ -18,6 +19,8 @@ def _serve_options(p) -> None:
     p.add_argument("--adapter", help="the student's LoRA adapter for the task (OUT/adapter of `distill train`)")
     p.add_argument("--extra-adapter", action="append", default=[], metavar="NAME=PATH",
                    help="another adapter on the same base, served as model NAME (repeatable)")
+    p.add_argument("--student-serving", choices=["auto", "merged", "lora"],
+                   help="how the engine serves the adapter (default auto: merged for one adapter on CPU)")
 
 
 def _serve_overrides(args, data: dict[str, Any], section: Optional[str] = None) -> dict[str, Any]:
@@ -39,6 +42,8 @@ def _serve_overrides(args, data: dict[str, Any], section: Optional[str] = None) 
         if not sep or not name or not path:
             raise ConfigError(f"--extra-adapter {item!r}: expected NAME=PATH")
         adapters[name] = path
+    if args.student_serving:
+        target["student"]["serving"] = args.student_serving
     return data
 
 
@@ -47,9 +52,21 @@ def add_cli(subparsers) -> None:
     _serve_options(p)
     p.add_argument("--host", help="HTTP host (default: 127.0.0.1)")
     p.add_argument("--port", type=int, help="HTTP port (default: 8000)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $DISTILL_API_KEY if set)")
+    p.add_argument("--api-key", help="the clients' key: 'Authorization: Bearer KEY' (default: $DISTILL_API_KEY)")
+    p.add_argument("--admin-key", help="the key of /admin/*, recorded as 'admin' in the event log (default: "
+                   "$DISTILL_ADMIN_KEY)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="INSECURE: allow a non-loopback --host without an API key")
     p.add_argument("--student-share", type=float, help="student's share of the routed model at start (0..1)")
     p.add_argument("--shadow-rate", type=float, help="fraction of student-served requests shadowed to the teacher")
+    p.add_argument("--mode", choices=["split", "cascade"], help="the routed model's mode (default: split)")
+    p.add_argument("--threshold", type=float, help="the cascade's confidence threshold")
+    p.add_argument("--threshold-from", metavar="REPORT",
+                   help="take the cascade threshold from a `distill eval` report.json (selective.threshold)")
+    p.add_argument("--capture", metavar="URI", help="keep the routed model's teacher answers as training data "
+                   "in URI/data (the generation format; `distill train --data URI` reads it)")
+    p.add_argument("--reference-data", metavar="URI", help="the generation output the student was trained on, "
+                   "for the label drift signal")
     p.set_defaults(func=_serve_cli)
 
     p = subparsers.add_parser("compare-latency", help="same queries to teacher and student through Serve")
@@ -70,15 +87,31 @@ def _serve_cli(args) -> None:
 
     data = read_yaml(args.config) if args.config else {}
     _serve_overrides(args, data)
-    for key, value in (("host", args.host), ("port", args.port), ("api_key", args.api_key)):
+    for key, value in (("host", args.host), ("port", args.port), ("api_key", args.api_key),
+                       ("capture", args.capture)):
         if value is not None:
             data[key] = value
-    for key, value in (("student_share", args.student_share), ("shadow_sample_rate", args.shadow_rate)):
+    if args.admin_key:
+        data["admin_keys"] = {"admin": args.admin_key}
+    if args.insecure_no_auth:
+        data["insecure_no_auth"] = True
+    rollout = data.setdefault("rollout", {})
+    for key, value in (("student_share", args.student_share), ("shadow_sample_rate", args.shadow_rate),
+                       ("mode", args.mode)):
         if value is not None:
-            data.setdefault("rollout", {})[key] = value
+            rollout[key] = value
+    for key, value in (("threshold", args.threshold), ("threshold_from", args.threshold_from)):
+        if value is not None:
+            cascade = rollout.setdefault("cascade", {})
+            cascade.pop("threshold" if key == "threshold_from" else "threshold_from", None)  # the flag wins
+            cascade[key] = value
+    if args.reference_data:
+        rollout.setdefault("drift", {})["reference_data"] = args.reference_data
     config = build_config(ServeConfig, data, args.config or "command line")
     url = start(config)
     auth = ' -H "Authorization: Bearer $DISTILL_API_KEY"' if (config.api_key or _env_key()) else ""
+    admin = ' -H "Authorization: Bearer <admin key>"' if (config.admin_keys or os.environ.get("DISTILL_ADMIN_KEY")) \
+        else ""
     routed = config.routed_model
     print(f"""
 distill serve is up at {url}  (Ctrl-C to stop)
@@ -88,7 +121,7 @@ distill serve is up at {url}  (Ctrl-C to stop)
        -d '{{"model": "teacher", "messages": [{{"role": "user", "content": "Jeder hat das Recht auf Leben."}}]}}'
   curl -s {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' \\
        -d '{{"model": "{routed}", "user": "alice", "messages": [{{"role": "user", "content": "Hello there"}}]}}'
-  curl -s {url}/admin/share{auth} -H 'Content-Type: application/json' -d '{{"student_share": 0.1}}'
+  curl -s {url}/admin/share{admin} -H 'Content-Type: application/json' -d '{{"student_share": 0.1}}'
   curl -s {url}/stats{auth}
   curl -s {url}/metrics{auth}
 """, flush=True)
@@ -108,8 +141,6 @@ def _interrupt(signum, frame) -> None:
 
 
 def _env_key() -> Optional[str]:
-    import os
-
     return os.environ.get("DISTILL_API_KEY")
 
 

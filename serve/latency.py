@@ -4,8 +4,11 @@ report and a PNG plot.
     distill compare-latency --url http://127.0.0.1:8000 --limit 100
     distill compare-latency --teacher MODEL --student MODEL_DIR --adapter OUT/adapter   # starts Serve itself
 
-Each query goes to every model back to back (teacher, then student), so slow phases of a shared machine hit
-both arms alike. Latency is measured at the client, end to end through Serve's HTTP proxy and gateway.
+`order: paired` (the default) sends each query to every model back to back (teacher, then student), so slow
+phases of a shared machine hit both arms alike; `order: separate` sends all queries to one model, then to the
+next, so that at a concurrency above 1 each model is measured under its own load alone. Latency is measured at
+the client, end to end through Serve's HTTP proxy and gateway; the gateway's own time per request (its
+x-distill-gateway-ms header: its handler minus the arms' time) is summarised beside it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field
 
@@ -38,6 +41,9 @@ class CompareLatencyConfig(StrictModel):
     limit: int = Field(50, ge=1, description="Queries sent to each model.")
     models: list[str] = Field([TEACHER_MODEL, STUDENT_MODEL], min_length=1, description="Models compared.")
     concurrency: int = Field(1, ge=1, description="Queries in flight at once (1: latency without queueing).")
+    order: Literal["paired", "separate"] = Field(
+        "paired", description="paired: each query to every model back to back; separate: all queries to one "
+        "model, then the next (each model's load alone).")
     warmup: int = Field(2, ge=0, description="Untimed requests per model first (engine warm-up, prefix cache).")
     max_tokens: Optional[int] = Field(None, ge=1, description="max_tokens per request (default: each arm's).")
     timeout_s: float = Field(300.0, gt=0, description="Per-request client timeout.")
@@ -55,7 +61,8 @@ def load_queries(config: CompareLatencyConfig) -> list[str]:
 
 
 async def _measure(url: str, api_key: Optional[str], models: list[str], queries: list[str], concurrency: int,
-                   warmup: int, max_tokens: Optional[int], timeout_s: float) -> dict[str, list[dict]]:
+                   warmup: int, max_tokens: Optional[int], timeout_s: float,
+                   order: str = "paired") -> dict[str, list[dict]]:
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -78,7 +85,9 @@ async def _measure(url: str, api_key: Optional[str], models: list[str], queries:
                 record = {"latency_s": latency, "status": status}
                 if status == 200:
                     record.update(prompt_tokens=payload["usage"]["prompt_tokens"],
-                                  completion_tokens=payload["usage"]["completion_tokens"])
+                                  completion_tokens=payload["usage"]["completion_tokens"],
+                                  gateway_ms=float(response.headers["x-distill-gateway-ms"]),
+                                  confidence=payload.get("confidence"))
                 else:
                     record["error"] = payload.get("error", {}).get("message")
                 results[model].append(record)
@@ -87,12 +96,16 @@ async def _measure(url: str, api_key: Optional[str], models: list[str], queries:
             for query in queries[:warmup]:
                 await one(model, query, keep=False)
 
-        async def pair(query: str) -> None:
+        async def pair(query: str, each: list[str]) -> None:
             async with semaphore:
-                for model in models:
+                for model in each:
                     await one(model, query, keep=True)
 
-        await asyncio.gather(*(pair(q) for q in queries))
+        if order == "paired":
+            await asyncio.gather(*(pair(q, models) for q in queries))
+        else:
+            for model in models:
+                await asyncio.gather(*(pair(q, [model]) for q in queries))
     return results
 
 
@@ -107,6 +120,8 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
             "mean_s": sum(latencies) / len(latencies) if latencies else None,
             "prompt_tokens_mean": sum(r["prompt_tokens"] for r in ok) / len(ok) if ok else None,
             "completion_tokens_mean": sum(r["completion_tokens"] for r in ok) / len(ok) if ok else None,
+            "gateway_ms_p50": quantile([r["gateway_ms"] for r in ok], 0.5),
+            "gateway_ms_p95": quantile([r["gateway_ms"] for r in ok], 0.95),
         }
     return summary
 
@@ -116,13 +131,14 @@ def table(summary: dict[str, dict]) -> str:
         return format(v, spec) if v is not None else "-"
 
     header = f"{'model':<12} {'requests':>8} {'errors':>6} {'p50 ms':>9} {'p95 ms':>9} {'mean ms':>9} " \
-             f"{'prompt tok':>10} {'output tok':>10}"
+             f"{'prompt tok':>10} {'output tok':>10} {'gateway p50 ms':>14}"
     lines = [header, "-" * len(header)]
     for model, s in summary.items():
         ms = {k: s[k] * 1000 if s[k] is not None else None for k in ("p50_s", "p95_s", "mean_s")}
         lines.append(f"{model:<12} {s['requests']:>8} {s['errors']:>6} {fmt(ms['p50_s'], '9.1f')} "
                      f"{fmt(ms['p95_s'], '9.1f')} {fmt(ms['mean_s'], '9.1f')} "
-                     f"{fmt(s['prompt_tokens_mean'], '10.1f')} {fmt(s['completion_tokens_mean'], '10.1f')}")
+                     f"{fmt(s['prompt_tokens_mean'], '10.1f')} {fmt(s['completion_tokens_mean'], '10.1f')} "
+                     f"{fmt(s['gateway_ms_p50'], '14.2f')}")
     return "\n".join(lines)
 
 
@@ -169,7 +185,7 @@ def main(config: CompareLatencyConfig) -> dict:
     try:
         t0 = time.monotonic()
         results = asyncio.run(_measure(url, api_key, config.models, queries, config.concurrency, config.warmup,
-                                       config.max_tokens, config.timeout_s))
+                                       config.max_tokens, config.timeout_s, config.order))
         seconds = time.monotonic() - t0
     finally:
         if started_here:
@@ -177,8 +193,8 @@ def main(config: CompareLatencyConfig) -> dict:
     summary = summarise(results)
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"url": url, "queries": len(queries), "concurrency": config.concurrency, "seconds": round(seconds, 3),
-              "summary": summary, "requests": results}
+    report = {"url": url, "queries": len(queries), "concurrency": config.concurrency, "order": config.order,
+              "seconds": round(seconds, 3), "summary": summary, "requests": results}
     (out / "latency.json").write_text(json.dumps(report, indent=2))
     plot(results, summary, out / "latency.png")
     report["table"] = table(summary)

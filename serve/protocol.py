@@ -86,6 +86,14 @@ class ChatRequest(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+class ApiError(Exception):
+    """A request answered with an HTTP error and an OpenAI-style error body (`error_body`)."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
 def validation_message(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
@@ -96,9 +104,10 @@ def validation_message(err: ValidationError) -> str:
 
 
 def error_body(message: str, status: int, param: Optional[str] = None) -> dict:
-    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-            429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
-    code = {401: "invalid_api_key", 404: "model_not_found", 413: "request_too_large"}.get(status)
+    kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+            413: "invalid_request_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error")
+    code = {401: "invalid_api_key", 403: "forbidden", 404: "model_not_found", 413: "request_too_large"}.get(status)
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 

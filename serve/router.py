@@ -13,6 +13,10 @@ Plain Python with no Ray or vLLM in it, so every rule here is unit-tested on its
   task being rolled out); direct requests to `student` or to another task's adapter do not.
 - Shadow: a sample of those requests is also sent to the teacher in the background and the two answers are
   compared with `distill.agreement.compare`, the definition the evaluation report uses.
+- Modes: `split` routes the student's share to the student; `cascade` sends it to the student first and, when
+  the student's confidence is below the threshold, on to the teacher (serve/selective.py). In cascade mode the
+  windows hold the kept share: the latency and agreement of the answers the student kept, and the failures of
+  the student (a 5xx, a label task's answer that names no label) among the requests it kept or failed.
 - Rollback: when one rule breaks its limit over its window, the share goes to 0 and the event is logged, kept,
   counted per rule and exposed in /stats and /metrics:
     error_rate   5xx answers and timeouts of the student, and for label tasks answers that name no label
@@ -31,14 +35,17 @@ import random
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Literal, Optional
 
 from pydantic import Field
 
 from distill.agreement import Comparison, agreement_rate, compare, mean_similarity
 from distill.config import ConfigError, StrictModel
+from distill.cost import CostConfig
 from distill.metrics import percentile
 from distill.tasks import TaskSpec
+from serve.selective import (CASCADE, DEFER_REASONS, DRIFT_SIGNALS, MODES, Cascade,
+                             CascadeConfig, Drift, DriftConfig, Savings, check_threshold)
 
 log = logging.getLogger("distill.serve.rollout")
 
@@ -102,10 +109,27 @@ class RolloutConfig(StrictModel):
     persist_interval_s: float = Field(
         2.0, gt=0, description="Seconds between saves of window updates; share changes and rollbacks are saved "
         "at once.")
+    mode: Literal["split", "cascade"] = Field(
+        "split", description="split: the student's share of the routed traffic is answered by the student. "
+        "cascade: that share asks the student first and, when its confidence is below cascade.threshold, sends "
+        "the same request on to the teacher and returns the teacher's answer. Changeable at runtime (POST "
+        "/admin/cascade); a resumed rollout keeps the mode it had.")
+    cascade: CascadeConfig = Field(default_factory=CascadeConfig, description="The cascade's threshold.")
+    drift: DriftConfig = Field(default_factory=DriftConfig, description="Drift of the live labels and deferral "
+                               "rate against the training data and the report.")
 
 
 def check_rules(config: RolloutConfig, task: TaskSpec) -> None:
-    """Refuse agreement limits that do not fit the task's answers (a ConfigError, before any engine starts)."""
+    """Refuse agreement limits and cascade thresholds that do not fit the task's answers, and a cascade without
+    a threshold (a ConfigError, before any engine starts; run after cascade.threshold_from is read)."""
+    if config.cascade.threshold is not None:
+        try:
+            check_threshold(task, config.cascade.threshold)
+        except ValueError as err:
+            raise ConfigError(f"rollout.cascade.threshold: {err}") from None
+    elif config.mode == CASCADE:
+        raise ConfigError("rollout.mode cascade needs a threshold: set rollout.cascade.threshold, or "
+                          "rollout.cascade.threshold_from to the report.json of `distill eval`")
     if task.answer.type == "labels" and config.min_similarity is not None:
         raise ConfigError(f"rollout.min_similarity applies to free-text tasks; {task.name!r} has labels: use "
                           f"rollout.min_agreement")
@@ -133,9 +157,11 @@ def _mean(values) -> Optional[float]:
 @dataclass(frozen=True)
 class Route:
     """The arm that serves a request and, for the routed model, the stage it was routed in (None: a direct
-    request to a model by name, which never feeds the rollback windows)."""
+    request to a model by name, which never feeds the rollback windows); `cascade`: the student answers only if
+    it is confident enough, else the teacher does."""
     arm: str
     stage: Optional[int] = None
+    cascade: bool = False
 
 
 @dataclass(frozen=True)
@@ -203,13 +229,21 @@ class Rollout:
     `revision` grows with every change to the state `to_state` returns, so the gateway knows when to save it."""
 
     def __init__(self, config: RolloutConfig, task: TaskSpec, rng: Optional[random.Random] = None,
-                 clock=time.time):
+                 clock=time.time, prices: Optional[CostConfig] = None,
+                 reference_labels: Optional[dict[str, float]] = None):
         self.config = config
         self.task = task
         self.rng = rng or random.Random()
         self.clock = clock
         self.share = config.student_share
         self.shadow_rate = config.shadow_sample_rate
+        self.mode = config.mode
+        self.threshold = config.cascade.threshold
+        self.cascade = Cascade()
+        self.savings = Savings(prices or CostConfig())
+        self.drift = Drift(config.drift, task, reference_labels, config.drift.reference_deferral_rate)
+        # The gateway's own time per request (its handler minus the arms' time): this replica's, not persisted.
+        self.overhead: deque[float] = deque(maxlen=config.stats_window)
         self.stage = 0
         self.arms = {arm: ArmStats(config.stats_window) for arm in ARMS}
         self.routed = Counter()  # routed-model requests per arm (the A/B split actually served)
@@ -235,8 +269,10 @@ class Rollout:
         return STUDENT if draw < self.share else TEACHER
 
     def route(self, user: Optional[str]) -> Route:
-        """The arm for a request to the routed model, stamped with the current stage."""
-        return Route(self.choose_arm(user), self.stage)
+        """The arm for a request to the routed model, stamped with the current stage; in cascade mode the
+        student's share is cascaded."""
+        arm = self.choose_arm(user)
+        return Route(arm, self.stage, cascade=arm == STUDENT and self.mode == CASCADE)
 
     def _new_stage(self, event: dict) -> None:
         """Evidence gathered at the old share (or before a rollback) must not judge the next stage."""
@@ -248,19 +284,41 @@ class Rollout:
         self.events.append(event)
         self.revision += 1
 
-    def set_share(self, share: float, reason: str, shadow_rate: Optional[float] = None) -> dict:
-        """Change the student's share (staged rollout or manual rollback); starts a new stage."""
+    def set_share(self, share: float, reason: str, shadow_rate: Optional[float] = None,
+                  by: Optional[str] = None) -> dict:
+        """Change the student's share (staged rollout or manual rollback); starts a new stage. `by`: who."""
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"student_share must be within [0, 1], got {share}")
         if shadow_rate is not None and not 0.0 <= shadow_rate <= 1.0:
             raise ValueError(f"shadow_sample_rate must be within [0, 1], got {shadow_rate}")
-        event = {"time": self.clock(), "kind": "share_change", "from": self.share, "to": share, "reason": reason}
+        event = {"time": self.clock(), "kind": "share_change", "from": self.share, "to": share, "reason": reason,
+                 "by": by}
         self.share = share
         if shadow_rate is not None:
             event["shadow_sample_rate"] = shadow_rate
             self.shadow_rate = shadow_rate
         self._new_stage(event)
-        log.info("student share %.3f -> %.3f (%s), stage %d", event["from"], share, reason, self.stage)
+        log.info("student share %.3f -> %.3f (%s, by %s), stage %d", event["from"], share, reason, by, self.stage)
+        return event
+
+    def set_cascade(self, mode: Optional[str] = None, threshold: Optional[float] = None, reason: str = "admin",
+                    by: Optional[str] = None) -> dict:
+        """Change the mode and/or the cascade threshold (None: keep it); starts a new stage, since the kept
+        share the windows judge is another one, and a new deferral window. ValueError for a bad change."""
+        mode = self.mode if mode is None else mode
+        threshold = self.threshold if threshold is None else threshold
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if threshold is not None:
+            check_threshold(self.task, threshold)
+        if mode == CASCADE and threshold is None:
+            raise ValueError("cascade mode needs a threshold: give one (none is configured)")
+        event = {"time": self.clock(), "kind": "cascade_change", "from": {"mode": self.mode, "threshold": self.threshold},
+                 "to": {"mode": mode, "threshold": threshold}, "reason": reason, "by": by}
+        self.mode, self.threshold = mode, threshold
+        self.drift.clear_deferrals()
+        self._new_stage(event)
+        log.info("mode %s, threshold %s (%s, by %s), stage %d", mode, threshold, reason, by, self.stage)
         return event
 
     # -- recording --------------------------------------------------------------------------------------------
@@ -278,18 +336,24 @@ class Rollout:
         return self.task.answer.type == "labels" and self.task.label_of(self.task.parse(answer).answer) is None
 
     def record_request(self, route: Route, latency_s: float, prompt_tokens: int, completion_tokens: int,
-                       answer: str) -> Optional[dict]:
+                       answer: str, cached_tokens: int = 0) -> Optional[dict]:
         """One answered request (`answer`: its visible text). Returns the rollback event if it caused one."""
         self.arms[route.arm].record(latency_s, prompt_tokens, completion_tokens)
+        tokens = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "cached_tokens": cached_tokens}
+        teacher_usd = self.savings.teacher_answer(tokens) if route.arm == TEACHER else None
         if route.stage is not None:
             self.routed[route.arm] += 1
+            self.savings.routed(route.arm, tokens if route.arm == STUDENT else None, teacher_usd)
+            self.drift.observe_label(answer)
+            self._check_drift()
+        self.revision += 1  # the savings and drift state changed
         if not self._in_window(route, "answer"):
             return None
         failed = self.names_no_label(answer)
         self.unparsable += failed
         self.outcomes.append(failed)
         self.student_latencies.append(latency_s)
-        self.revision += 1
         return self.check_rollback()
 
     def record_error(self, route: Route, status: int) -> Optional[dict]:
@@ -301,6 +365,66 @@ class Rollout:
         self.revision += 1
         return self.check_rollback()
 
+    # -- the cascade ------------------------------------------------------------------------------------------
+    def cascade_decision(self, student: dict) -> tuple[bool, str]:
+        """(keep the student's answer, why) for a cascaded request the student answered."""
+        if self.names_no_label(student["text"]):
+            return False, "no_label"
+        if student.get("confidence") is None:
+            return False, "no_confidence"
+        if student["confidence"] < self.threshold:
+            return False, "low_confidence"
+        return True, "confident"
+
+    def record_cascade(self, route: Route, student: Optional[dict], student_status: Optional[int],
+                       student_latency_s: float, kept: bool, reason: str, teacher: Optional[dict] = None,
+                       teacher_status: Optional[int] = None, teacher_latency_s: Optional[float] = None
+                       ) -> Optional[dict]:
+        """One cascaded request, once it is over: the student's result (None: it failed with `student_status`, a
+        5xx), the decision, and for a deferred request the teacher's result (None: it failed with
+        `teacher_status`, and the client got that error). Returns the rollback event if it caused one."""
+        if student is not None:
+            self.arms[STUDENT].record(student_latency_s, student["prompt_tokens"], student["completion_tokens"])
+        else:
+            self.arms[STUDENT].errors[student_status] += 1
+        teacher_usd = None
+        if teacher is not None:
+            self.arms[TEACHER].record(teacher_latency_s, teacher["prompt_tokens"], teacher["completion_tokens"])
+            teacher_usd = self.savings.teacher_answer(teacher)
+        elif teacher_status is not None:
+            self.arms[TEACHER].errors[teacher_status] += 1
+        self.cascade.record(kept, reason, teacher_failed=not kept and teacher is None)
+        answered_by = STUDENT if kept else TEACHER if teacher is not None else None
+        self.savings.routed(answered_by, student, teacher_usd)
+        if answered_by is not None:
+            self.routed[answered_by] += 1
+            self.drift.observe_label((student if kept else teacher)["text"])
+        self.drift.observe_deferral(not kept)
+        if not kept and student is not None and teacher is not None:
+            Cascade.count(self.cascade.deferred_comparisons, compare(self.task, teacher["text"], student["text"]))
+        self._check_drift()
+        self.revision += 1
+        if not self._in_window(route, "answer" if student is not None else "error"):
+            return None
+        # The windows judge the kept share: its latency, and the student's failures among what it kept or failed.
+        # An answer deferred for low confidence is neither kept nor a failure.
+        if reason == "no_label":
+            self.unparsable += 1
+        if student is None or reason == "no_label":
+            self.outcomes.append(True)
+        elif kept:
+            self.outcomes.append(False)
+            self.student_latencies.append(student_latency_s)
+        return self.check_rollback()
+
+    def record_overhead(self, seconds: float) -> None:
+        self.overhead.append(seconds)
+
+    def _check_drift(self) -> None:
+        for event in self.drift.check(self.clock):
+            self.events.append(event)
+
+    # -- shadow -----------------------------------------------------------------------------------------------
     def should_shadow(self) -> bool:
         """Decide whether a student-served routed request is also sent to the teacher; reserves a slot."""
         if self.shadow_rate <= 0.0 or self.rng.random() >= self.shadow_rate:
@@ -311,16 +435,22 @@ class Rollout:
         self.shadow_in_flight += 1
         return True
 
-    def record_shadow(self, stage: int, teacher_visible: Optional[str], student_visible: str) -> Optional[dict]:
-        """The teacher's shadow answer to a request routed in `stage` arrived (None: the shadow call failed).
-        Returns a rollback event if any."""
+    def record_shadow(self, stage: int, teacher_visible: Optional[str], student_visible: str,
+                      teacher_tokens: Optional[dict] = None) -> Optional[dict]:
+        """The teacher's shadow answer to a request routed in `stage` arrived (None: the shadow call failed;
+        `teacher_tokens`: its token counts, which the shadow cost). Returns a rollback event if any."""
         self.shadow_in_flight -= 1
+        if teacher_tokens is not None:
+            self.savings.teacher_answer(teacher_tokens, shadow=True)
+            self.revision += 1
         if teacher_visible is None:
             self.shadow["failed"] += 1
             return None
         if not self._in_window(Route(STUDENT, stage), "shadow"):
             return None
         comparison = compare(self.task, teacher_visible, student_visible)
+        if self.mode == CASCADE:  # in cascade mode only kept answers are shadowed
+            Cascade.count(self.cascade.kept_comparisons, comparison)
         if comparison.agree is None:
             self.shadow["unjudged"] += 1
             return None
@@ -366,14 +496,17 @@ class Rollout:
 
     # -- persistence ------------------------------------------------------------------------------------------
     def to_state(self) -> dict:
-        """What a restarted gateway needs to carry on: JSON-ready. The per-arm counters are left out on purpose:
-        they are this replica's, and Prometheus counters restart with the process."""
+        """What a restarted gateway needs to carry on: JSON-ready. The per-arm counters and the gateway overhead
+        are left out on purpose: they are this replica's, and Prometheus counters restart with the process. The
+        mode, the threshold and the cascade's, savings' and drift's counters and windows are the rollout's."""
         return {
             "share": self.share, "shadow_sample_rate": self.shadow_rate, "stage": self.stage,
             "rollbacks": self.rollbacks, "firings": dict(self.firings), "events": list(self.events),
             "outcomes": list(self.outcomes), "student_latencies": list(self.student_latencies),
             "comparisons": [[c.agree, c.similarity] for c in self.comparisons],
             "shadow": dict(self.shadow), "unparsable": self.unparsable, "stale": dict(self.stale),
+            "mode": self.mode, "threshold": self.threshold, "cascade": self.cascade.to_state(),
+            "savings": self.savings.to_state(), "drift": self.drift.to_state(), "routed": dict(self.routed),
         }
 
     def load_state(self, state: dict) -> None:
@@ -391,6 +524,13 @@ class Rollout:
         self.shadow = Counter(state["shadow"])
         self.unparsable = state["unparsable"]
         self.stale = Counter(state["stale"])
+        # State saved before the cascade existed resumes in this config's mode, with fresh cascade counters.
+        if "mode" in state:
+            self.mode, self.threshold = state["mode"], state["threshold"]
+            self.cascade.load_state(state["cascade"])
+            self.savings.load_state(state["savings"])
+            self.drift.load_state(state["drift"])
+            self.routed = Counter(state["routed"])
         self.revision += 1
 
     # -- reporting --------------------------------------------------------------------------------------------
@@ -419,6 +559,12 @@ class Rollout:
             "max_student_p95_s": self.config.max_student_p95_s,
             "rollbacks": self.rollbacks,
             "rollbacks_by_rule": {rule: self.firings[rule] for rule in RULES},
+            "mode": self.mode,
+            "cascade": {"threshold": self.threshold, **self.cascade.snapshot()},
+            "cost": self.savings.snapshot(),
+            "drift": self.drift.readings(),
+            "gateway_overhead_s": {"p50": quantile(self.overhead, 0.5), "p95": quantile(self.overhead, 0.95),
+                                   "samples": len(self.overhead)},
             "events": list(self.events),
         }
 
@@ -479,6 +625,37 @@ class Rollout:
         metric("rollbacks_total", "counter", "Automatic rollbacks of the student share to 0.", [({}, self.rollbacks)])
         metric("rollback_firings_total", "counter", "Automatic rollbacks per rule that fired.",
                [({"rule": rule}, self.firings[rule]) for rule in RULES])
+        metric("cascade_mode", "gauge", "1 for the routed model's current mode.",
+               [({"mode": m}, int(m == self.mode)) for m in MODES])
+        metric("cascade_threshold", "gauge", "The cascade's confidence threshold (NaN: none).",
+               [({}, _or_nan(self.threshold))])
+        cascade = self.cascade.snapshot()
+        metric("cascade_requests_total", "counter", "Cascaded requests by outcome.",
+               [({"outcome": "kept"}, cascade["kept"])]
+               + [({"outcome": f"deferred_{r}"}, cascade["deferred_by_reason"][r]) for r in DEFER_REASONS]
+               + [({"outcome": "failed"}, cascade["failed"])])
+        metric("cascade_deferral_rate", "gauge", "Fraction of cascaded requests sent on to the teacher (NaN: none).",
+               [({}, _or_nan(cascade["deferral_rate"]))])
+        metric("cascade_kept_agreement", "gauge", "Agreement of the kept answers with the teacher, from shadow "
+               "comparisons (NaN: none judged).", [({}, _or_nan(cascade["kept_agreement"]))])
+        cost = self.savings.snapshot()
+        metric("cost_usd", "counter", "Dollars spent on the routed model, per part, at the configured prices.",
+               [({"part": p}, cost[f"{p}_usd"]) for p in ("student", "teacher", "shadow")])
+        metric("cost_teacher_only_usd", "gauge", "What the routed traffic would have cost on the teacher alone "
+               "(NaN: unknown yet).", [({}, _or_nan(cost["teacher_only_usd"]))])
+        metric("cost_saved_usd", "gauge", "Teacher-only cost minus what was spent (NaN: unknown yet).",
+               [({}, _or_nan(cost["saved_usd"]))])
+        drift = self.drift.readings()
+        metric("drift_psi", "gauge", "Population stability index of the live distribution against its reference "
+               "(NaN: off or no samples).", [({"signal": s}, _or_nan(drift[s]["psi"])) for s in DRIFT_SIGNALS])
+        metric("drift_samples", "gauge", "Samples in each drift window.",
+               [({"signal": s}, drift[s]["samples"]) for s in DRIFT_SIGNALS])
+        metric("drift_limit", "gauge", "The PSI above which drift is recorded.", [({}, self.config.drift.max_psi)])
+        metric("drift_events_total", "counter", "Drift events (\"re-distill recommended\") per signal.",
+               [({"signal": s}, drift[s]["events"]) for s in DRIFT_SIGNALS])
+        metric("gateway_overhead_seconds", "gauge", "The gateway's own time per request (its handler minus the "
+               "arms' time), over its recent requests (NaN: none).",
+               [({"quantile": str(q)}, _or_nan(quantile(self.overhead, q))) for q in (0.5, 0.95)])
         return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,10 @@ server), real HTTP on 127.0.0.1.
 
 One Serve application is started for the whole module (two engines take about a minute to start on 2 cores) and
 every test talks to it over HTTP. Tests that depend on the rollout state set the share they need first. The
-chaos test that kills the student replica runs last: the replacement takes an engine start-up.
+chaos test that kills the student replica runs after the A/B tests: the replacement takes an engine start-up.
+
+The selective-serving tests come last, on the same Serve instance and port: `selective` replaces the application
+by one with a single task adapter (which the CPU engine serves merged), the cascade, capture and drift.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from serve.router import quantile, user_fraction
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN_KEY = "test-admin-456"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 QUERIES = [
     "Everyone has the right to life, liberty and security of person.",
     "Toute personne a droit à la vie, à la liberté et à la sûreté de sa personne.",
@@ -33,8 +38,12 @@ QUERIES = [
 TEACHER_CHOICES = [f"Final Answer: {label}" for label in ("en", "fr", "de", "es", "ru", "zh", "tr", "vi")]
 # The student is forced to a label the teacher never gives: every shadow comparison disagrees, deterministically.
 STUDENT_CHOICES = ["Final Answer: ot"]
-REQUEST_TIMEOUT_S = 60
+# Shorter than an engine start-up (40-50 s here): requests waiting for a killed student's replacement time out
+# (the chaos test's error-rate rollback) however fast the CPU starts the new engine. At 60 s, an AVX-512 machine
+# started it in time, 1 of 80 requests failed and nothing rolled back.
+REQUEST_TIMEOUT_S = 20
 BUCKET = "distill-serve-test"
+ENGINE = {"max_model_len": 2048, "kv_cache_memory_bytes": 128 * 1024**2}
 
 
 def make_adapter(base: str, dest, seed: int, rank: int = 8) -> str:
@@ -77,11 +86,23 @@ def s3(free_port):
     server.stop()
 
 
+def serve_config(tiny_model: str, port: int, **fields):
+    """The config both applications of this module share (task, keys, limits, the guided teacher), plus
+    `fields`."""
+    from serve.config import ServeConfig
+
+    return ServeConfig.model_validate({
+        "task": "language-id", "port": port, "api_key": API_KEY, "admin_keys": {"ops": ADMIN_KEY},
+        "max_request_bytes": 64 * 1024, "request_timeout_s": REQUEST_TIMEOUT_S,
+        "teacher": {"model": tiny_model, "guided": True, "guided_choices": TEACHER_CHOICES, "temperature": 0.0,
+                    "engine": ENGINE},
+        **fields})
+
+
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_model, tmp_path_factory, free_port, s3):
     from distill.storage import join, staged_dir
     from serve.app import start, stop
-    from serve.config import ServeConfig
 
     bucket, s3_env = s3
     adapters = tmp_path_factory.mktemp("adapters")
@@ -90,23 +111,15 @@ def server(ray_cluster, tiny_model, tmp_path_factory, free_port, s3):
     in_bucket = join(bucket, "adapters", "langid-v2")
     with staged_dir(in_bucket) as folder:
         make_adapter(tiny_model, folder, seed=2, rank=16)
-    engine = {"max_model_len": 2048, "kv_cache_memory_bytes": 128 * 1024**2}
-    config = ServeConfig.model_validate({
-        "task": "language-id",
-        "port": free_port(),
-        "api_key": API_KEY,
-        "max_request_bytes": 64 * 1024,
-        "request_timeout_s": REQUEST_TIMEOUT_S,
-        "teacher": {"model": tiny_model, "guided": True, "guided_choices": TEACHER_CHOICES, "temperature": 0.0,
-                    "engine": engine},
-        "student": {"model": tiny_model, "guided": True, "guided_choices": STUDENT_CHOICES, "temperature": 0.0,
-                    "engine": {**engine, "env": s3_env}, "max_replicas": 2,
-                    "adapters": {"language-id": make_adapter(tiny_model, adapters / "langid", seed=1),
-                                 "langid-v2": in_bucket}},
-        "rollout": {"student_share": 0.0, "shadow_sample_rate": 0.0, "agreement_window": 10,
-                    "min_agreement_samples": 10, "min_agreement": 0.9, "max_student_p95_s": None,
-                    "error_window": 20, "min_error_samples": 10, "max_error_rate": 0.2, "persist_interval_s": 0.5},
-    })
+    config = serve_config(
+        tiny_model, free_port(),
+        student={"model": tiny_model, "guided": True, "guided_choices": STUDENT_CHOICES, "temperature": 0.0,
+                 "engine": {**ENGINE, "env": s3_env}, "max_replicas": 2,
+                 "adapters": {"language-id": make_adapter(tiny_model, adapters / "langid", seed=1),
+                              "langid-v2": in_bucket}},
+        rollout={"student_share": 0.0, "shadow_sample_rate": 0.0, "agreement_window": 10,
+                 "min_agreement_samples": 10, "min_agreement": 0.9, "max_student_p95_s": None,
+                 "error_window": 20, "min_error_samples": 10, "max_error_rate": 0.2, "persist_interval_s": 0.5})
     assert config.host == "127.0.0.1"
     url = start(config)
     yield url
@@ -118,7 +131,8 @@ def post(url: str, path: str, body, headers=AUTH, timeout=120) -> httpx.Response
 
 
 def set_share(url: str, share: float, shadow: float = 0.0) -> dict:
-    r = post(url, "/admin/share", {"student_share": share, "shadow_sample_rate": shadow, "reason": "test"})
+    r = post(url, "/admin/share", {"student_share": share, "shadow_sample_rate": shadow, "reason": "test"},
+             headers=ADMIN)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -138,8 +152,13 @@ def test_models_endpoint_lists_arms_routed_model_and_adapters(server):
     from openai import OpenAI
 
     client = OpenAI(base_url=server + "/v1", api_key=API_KEY)
-    ids = {m.id for m in client.models.list()}
-    assert ids == {"teacher", "student", "routed", "language-id", "langid-v2"}
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {"teacher", "student", "routed", "language-id", "langid-v2"}
+    # Two adapters share the base engine: it keeps LoRA, and /v1/models says so (a field OpenAI clients ignore).
+    student = models["student"].model_extra["distill"]
+    assert (student["serving"], student["lora"]) == ("lora", True), student
+    assert "2 adapters share one base engine" in student["why"]
+    assert student_engine()["lora_enabled"] is True
 
 
 def test_both_arms_answer_through_the_openai_client(server):
@@ -152,6 +171,10 @@ def test_both_arms_answer_through_the_openai_client(server):
                                              max_tokens=8)
     assert teacher.choices[0].message.content in TEACHER_CHOICES
     assert student.choices[0].message.content in STUDENT_CHOICES
+    # Each answer carries its confidence (a field OpenAI clients ignore, and a header): for a guided label the
+    # probability of the label among the allowed ones, so the student, forced to one label, is sure of it.
+    assert 0.0 < teacher.model_extra["confidence"] <= 1.0
+    assert student.model_extra["confidence"] == pytest.approx(1.0, abs=1e-3)
     # The task prompt is added server-side for the teacher only: its prompt is far longer than the student's.
     assert teacher.usage.prompt_tokens > student.usage.prompt_tokens + 200
     assert student.usage.completion_tokens >= 1
@@ -163,6 +186,7 @@ def test_both_arms_answer_through_the_openai_client(server):
     raw = client.chat.completions.with_raw_response.create(
         model="routed", messages=[{"role": "user", "content": QUERIES[2]}], user="someone")
     assert raw.headers["x-distill-arm"] in {"teacher", "student"}
+    assert float(raw.headers["x-distill-confidence"]) == raw.parse().model_extra["confidence"]
 
 
 def test_streaming_through_the_openai_client(server):
@@ -317,6 +341,7 @@ def test_api_key_is_required(server):
         assert "API key" in r.json()["error"]["message"]
     assert httpx.get(server + "/v1/models", timeout=30).status_code == 401
     assert post(server, "/admin/share", {"student_share": 1.0}, headers={}).status_code == 401
+    assert post(server, "/admin/cascade", {"threshold": 0.5}, headers={}).status_code == 401
     assert httpx.get(server + "/stats", timeout=30).status_code == 401
     from openai import AuthenticationError, OpenAI
 
@@ -351,11 +376,27 @@ def test_bad_input_gets_4xx_with_a_message(server, body, status, message):
     assert message in r.json()["error"]["message"], r.json()
 
 
+def test_a_client_key_gets_403_on_admin_and_the_event_log_names_the_admin_key(server):
+    for path, body in (("/admin/share", {"student_share": 1.0}), ("/admin/cascade", {"threshold": 0.5})):
+        r = post(server, path, body)  # the client key
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["type"] == "permission_error" and "client key" in r.json()["error"]["message"]
+    before = stats(server)
+    assert before["auth"] == {"client_key": True, "admin_keys": ["ops"]}
+    event = set_share(server, 0.0)["event"]
+    assert event["by"] == "admin key 'ops'" and event["reason"] == "test"
+    after = stats(server)
+    assert after["events"][-1] == event and after["stage"] == before["stage"] + 1
+
+
 def test_bad_share_changes_are_refused(server):
     for body in ({"student_share": 1.5}, {"student_share": -0.1}, {"share": 0.5}, {"student_share": 0.2,
                                                                                    "shadow_sample_rate": 2}):
-        r = post(server, "/admin/share", body)
+        r = post(server, "/admin/share", body, headers=ADMIN)
         assert r.status_code == 400, r.text
+    # Cascade mode needs a threshold, and this application was given none.
+    r = post(server, "/admin/cascade", {"mode": "cascade"}, headers=ADMIN)
+    assert r.status_code == 400 and "needs a threshold" in r.json()["error"]["message"], r.text
 
 
 def test_replicas_survive_bad_input(server):
@@ -455,6 +496,15 @@ def test_compare_latency_against_the_running_server(server, tmp_path):
     assert (tmp_path / "latency.png").stat().st_size > 1000
     assert json.loads((tmp_path / "latency.json").read_text())["summary"]["teacher"]["requests"] == 6
     assert "p95 ms" in report["table"]
+    # Each model under its own concurrent load, as bench/serving.py measures at concurrency 16; the gateway's
+    # own time per request comes from its x-distill-gateway-ms header.
+    loaded = main(CompareLatencyConfig(url=server, api_key=API_KEY, limit=8, warmup=0, max_tokens=4, concurrency=4,
+                                       order="separate", output=str(tmp_path / "loaded")))
+    for model in ("teacher", "student"):
+        summary = loaded["summary"][model]
+        assert summary["requests"] == 8 and summary["errors"] == 0
+        assert 0 < summary["gateway_ms_p50"] <= summary["gateway_ms_p95"] < 1000 * summary["p50_s"]
+    assert loaded["order"] == "separate" and "gateway p50 ms" in loaded["table"]
 
 
 # -- restarts and chaos ------------------------------------------------------------------------------------------
@@ -569,3 +619,253 @@ def test_killing_the_student_under_load_fails_cleanly_rolls_back_on_errors_and_r
         assert time.monotonic() < deadline, serve.status().applications["distill"].deployments["student"]
         time.sleep(2)
     assert post(server, "/v1/chat/completions", chat("student", QUERIES[0], max_tokens=4)).status_code == 200
+
+
+# -- selective serving: a merged student, the cascade, capture, drift (the application upgraded in place) --------
+# The selective student is guided to several labels, so its confidence (the probability of the label it gave,
+# among those allowed) varies from query to query.
+SELECTIVE_CHOICES = TEACHER_CHOICES + ["Final Answer: ot"]
+
+
+@pytest.fixture(scope="module")
+def selective(server, tiny_model, tmp_path_factory):
+    """The running application replaced (`start` on the same Serve instance and port) by one that serves a
+    single task adapter, routes everything through the cascade at a first threshold, captures teacher answers
+    and watches label drift against a reference in which every label is `ar`, which neither guided model can
+    answer. Yields (url, folders)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray import serve
+
+    from serve.app import start
+
+    root = tmp_path_factory.mktemp("selective")
+    (root / "reference" / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"label": ["ar"] * 50}), root / "reference" / "data" / "part-0.parquet")
+    adapter = make_adapter(tiny_model, root / "langid", seed=3)
+    config = serve_config(
+        tiny_model, int(server.rsplit(":", 1)[1]),
+        capture=str(root / "capture"), capture_flush_seconds=0.5,
+        student={"model": tiny_model, "guided": True, "guided_choices": SELECTIVE_CHOICES, "temperature": 0.0,
+                 "engine": ENGINE, "adapters": {"language-id": adapter}},
+        # No agreement rule: these random models disagree, and the kept share's rollback is unit-tested.
+        rollout={"mode": "cascade", "cascade": {"threshold": 0.5}, "student_share": 1.0, "shadow_sample_rate": 0.0,
+                 "min_agreement": None, "max_student_p95_s": None, "persist_interval_s": 0.5,
+                 "drift": {"reference_data": str(root / "reference"), "window": 10, "min_samples": 10}})
+    # Deleted first, not upgraded in place: the merge at start-up is a Ray task that needs a CPU the old
+    # application's replicas (the student scaled to 2 under the load tests) may still hold.
+    serve.delete("distill")
+    assert start(config) == server
+    yield server, {"adapter": adapter, "capture": root / "capture", "root": root}
+
+
+def admin_cascade(url: str, **change) -> dict:
+    r = post(url, "/admin/cascade", {**change, "reason": "test"}, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def cascade_all(url: str, texts: list[str], user: str) -> list[httpx.Response]:
+    bodies = [chat("routed", t, user=f"{user}-{i}") for i, t in enumerate(texts)]
+    responses = asyncio.run(_send_all(url, bodies, concurrency=4))
+    assert [r.status_code for r in responses] == [200] * len(texts), [r.text for r in responses][:3]
+    return responses
+
+
+def check_decision(response: httpx.Response, threshold: float) -> bool:
+    """The cascade's decision for one answer, checked against what it says: True when the student's answer was
+    kept (its confidence at or above the threshold), False when the teacher answered."""
+    body = response.json()
+    student_confidence = float(response.headers["x-distill-student-confidence"])
+    assert body["cascade"]["student_confidence"] == student_confidence
+    assert body["cascade"]["threshold"] == threshold
+    kept = student_confidence >= threshold
+    assert response.headers["x-distill-cascade"] == body["cascade"]["decision"] == ("kept" if kept else "deferred")
+    assert response.headers["x-distill-arm"] == body["arm"] == ("student" if kept else "teacher")
+    assert body["cascade"]["reason"] == ("confident" if kept else "low_confidence")
+    assert float(response.headers["x-distill-confidence"]) == body["confidence"]
+    if kept:
+        assert body["confidence"] == student_confidence
+    assert body["choices"][0]["message"]["content"] in (SELECTIVE_CHOICES if kept else TEACHER_CHOICES)
+    return kept
+
+
+def test_a_single_task_adapter_is_served_merged_on_cpu(selective):
+    url, folders = selective
+    models = {m["id"]: m["distill"] for m in httpx.get(url + "/v1/models", headers=AUTH, timeout=30).json()["data"]}
+    assert set(models) == {"teacher", "student", "routed", "language-id"}
+    merged = folders["adapter"] + "-merged"
+    for name in ("student", "language-id"):
+        facts = models[name]
+        assert (facts["serving"], facts["lora"], facts["engine_model"]) == ("merged", False, merged), facts
+        assert "no fast LoRA path" in facts["why"] and facts["adapter"] == folders["adapter"]
+    assert models["routed"]["mode"] == "cascade" and models["routed"]["threshold"] == 0.5
+    engine = student_engine()
+    assert (engine["model"], engine["adapters"], engine["lora_enabled"]) == (merged, [], False), engine
+    marker = json.loads((folders["root"] / "langid-merged" / "distill_merged.json").read_text())
+    serving = stats(url)["student_serving"]
+    assert serving["mode"] == "merged" and serving["merged_now"] is True
+    assert marker["adapter"] == folders["adapter"] and marker["adapter_sha256"] == serving["adapter_sha256"]
+    r = post(url, "/v1/chat/completions", chat("student", QUERIES[0], max_tokens=8))
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] in SELECTIVE_CHOICES, r.text
+    # A rollout of another student (this adapter) does not resume the old one's state.
+    assert stats(url)["state"]["resumed"] is False
+
+
+def test_the_cascade_sends_low_confidence_requests_to_the_teacher_and_says_so(selective):
+    url, _ = selective
+    # The student's own confidences on these queries, asked directly (never cascaded).
+    direct = [post(url, "/v1/chat/completions", chat("student", q)) for q in QUERIES]
+    confidences = sorted(r.json()["confidence"] for r in direct)
+    assert len({round(c, 3) for c in confidences}) > 1, confidences
+    # A threshold in the widest gap between neighbouring confidences: some queries fall below it, some not.
+    gap, i = max((confidences[j + 1] - confidences[j], j) for j in range(len(confidences) - 1))
+    threshold = (confidences[i] + confidences[i + 1]) / 2
+    change = admin_cascade(url, threshold=threshold)
+    assert change["event"]["by"] == "admin key 'ops'" and change["mode"] == "cascade"
+    before = stats(url)["cascade"]
+    responses = cascade_all(url, QUERIES, "cascade")
+    kept = [check_decision(r, threshold) for r in responses]
+    assert 0 < sum(kept) < len(kept), kept
+    after = stats(url)["cascade"]
+    # Every request counted once, as kept or deferred.
+    assert after["requests"] - before["requests"] == len(QUERIES)
+    assert after["kept"] - before["kept"] == sum(kept)
+    assert after["deferred_by_reason"]["low_confidence"] - before["deferred_by_reason"]["low_confidence"] == \
+        len(kept) - sum(kept)
+    assert after["failed"] == before["failed"] == 0
+    assert after["kept"] + after["deferred"] == after["requests"]
+    # Streamed, a label task is decided before the first byte: a kept answer is the student's, whole; a deferred
+    # one is the teacher's stream.
+    for response in (responses[kept.index(True)], responses[kept.index(False)]):
+        query = QUERIES[responses.index(response)]
+        with httpx.stream("POST", url + "/v1/chat/completions", headers=AUTH, timeout=60,
+                          json=chat("routed", query, user="stream", stream=True)) as streamed:
+            assert streamed.status_code == 200
+            assert streamed.headers["x-distill-cascade"] == response.headers["x-distill-cascade"]
+            assert streamed.headers["x-distill-arm"] == response.headers["x-distill-arm"]
+            events = [json.loads(line[6:]) for line in streamed.iter_lines()
+                      if line.startswith("data: {")]
+        content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+        assert content == response.json()["choices"][0]["message"]["content"]
+        assert events[-1]["choices"][0]["finish_reason"] in {"stop", "length"} and events[-1]["confidence"] > 0
+    cost = stats(url)["cost"]
+    assert cost["saved_usd"] is not None and cost["student_answered"] >= sum(kept)
+    metrics = httpx.get(url + "/metrics", headers=AUTH, timeout=30).text
+    assert 'distill_cascade_mode{mode="cascade"} 1' in metrics
+    assert f"distill_cascade_threshold {threshold}" in metrics
+
+
+def test_shadowed_kept_answers_give_the_live_agreement_of_the_kept_share(selective):
+    url, _ = selective
+    threshold = stats(url)["cascade"]["threshold"]
+    set_share(url, 1.0, shadow=1.0)
+    before = stats(url)["cascade"]["kept_comparisons"]
+    # One at a time, so every kept answer is shadowed (at most max_shadow_in_flight run at once).
+    kept = 0
+    for i, query in enumerate(QUERIES):
+        r = post(url, "/v1/chat/completions", chat("routed", query, user=f"shadow-{i}"))
+        assert r.status_code == 200, r.text
+        kept += check_decision(r, threshold)
+        deadline = time.monotonic() + 30
+        while sum(stats(url)["cascade"]["kept_comparisons"].values()) - sum(before.values()) < kept:
+            assert time.monotonic() < deadline, "a shadow comparison never arrived"
+            time.sleep(0.2)
+    assert kept > 0
+    current = stats(url)["cascade"]
+    judged = sum(current["kept_comparisons"].values()) - sum(before.values())
+    assert judged == kept and current["kept_agreement"] is not None
+    assert f"distill_cascade_kept_agreement {current['kept_agreement']}" in httpx.get(
+        url + "/metrics", headers=AUTH, timeout=30).text
+    set_share(url, 1.0, shadow=0.0)
+
+
+def captured(folder) -> "pa.Table":
+    import pyarrow.dataset as ds
+
+    from distill.formats import DATA_SCHEMA
+
+    files = sorted(str(p) for p in (folder / "data").glob("*.parquet"))
+    assert files
+    table = ds.dataset(files, format="parquet").to_table()
+    assert table.schema.equals(DATA_SCHEMA), table.schema
+    return table
+
+
+def test_captured_teacher_answers_hold_each_query_once_and_train_an_adapter(selective, tiny_model, tmp_path):
+    """Every teacher answer of the routed model so far (cascade fallbacks, shadow comparisons) and those of a
+    threshold of 1 (everything deferred), twice over the same queries: the shards hold each query once, in the
+    generation data format, and `distill train` trains on them as they are."""
+    import subprocess
+    import sys
+
+    from distill.inputs import content_id
+    from distill.models import sample_data_path
+
+    url, folders = selective
+    texts = [json.loads(line)["text"] for line in sample_data_path().read_text().splitlines()[:60:3]]
+    admin_cascade(url, threshold=1.0)
+    for round_ in range(2):
+        for r in cascade_all(url, texts, f"capture-{round_}"):
+            assert check_decision(r, 1.0) is False
+    deadline = time.monotonic() + 30
+    while (snapshot := stats(url)["capture"])["pending"]:
+        assert time.monotonic() < deadline, snapshot
+        time.sleep(0.2)
+    current = stats(url)
+    cascade = current["cascade"]
+    # Teacher answers this application produced: every deferred request, every shadow comparison.
+    teacher_answers = cascade["deferred"] + sum(cascade["kept_comparisons"].values())
+    table = captured(folders["capture"])
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == snapshot["written"] == snapshot["accepted"] == snapshot["queries"]
+    assert snapshot["accepted"] + snapshot["skipped"]["duplicate"] == teacher_answers
+    # Every query met the teacher: the earlier ones deferred or, when kept, shadowed; these all deferred.
+    assert set(ids) == {content_id(t.strip()) for t in texts + QUERIES}
+    assert set(table.column("answer").to_pylist()) <= set(TEACHER_CHOICES)
+    assert set(table.column("task").to_pylist()) == {"language-id"}
+    assert json.loads((folders["capture"] / "manifest.json").read_text())["task"] == "language-id"
+
+    (tmp_path / "train.yaml").write_text(json.dumps({
+        "per_device_batch_size": 2, "gradient_accumulation": 1, "max_steps": 2, "eval_every": 1,
+        "validation_fraction": 0.25, "test_fraction": 0.0, "select_by": "loss"}))
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "distill.cli", "train", "--data", str(folders["capture"]),
+                           "--output", str(tmp_path / "train"), "--student", tiny_model, "--workers", "1",
+                           "--config", str(tmp_path / "train.yaml")],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "train" / "adapter" / "adapter_config.json").exists()
+    summary = json.loads((tmp_path / "train" / "train_summary.json").read_text())
+    assert summary["steps"] == 2, summary
+
+
+def test_live_labels_far_from_the_training_data_record_a_drift_event(selective):
+    url, _ = selective
+    current = stats(url)
+    labels = current["drift"]["labels"]
+    # The reference is all `ar`, a label neither guided model can give: the live labels are far from it.
+    assert labels["samples"] == 10 and labels["psi"] > labels["limit"] and labels["alarmed"], labels
+    assert "ar" not in labels["live"] and labels["reference"] == {"ar": 1.0}
+    events = [e for e in current["events"] if e["kind"] == "drift"]
+    assert len(events) == labels["events"] == 1 and "re-distill recommended" in events[0]["reason"], events
+    assert current["drift"]["deferral"]["off"] and current["drift"]["deferral"]["psi"] is None
+    metrics = httpx.get(url + "/metrics", headers=AUTH, timeout=30).text.splitlines()
+    assert 'distill_drift_events_total{signal="labels"} 1' in metrics
+
+
+def test_a_restarted_gateway_keeps_the_mode_the_threshold_the_counters_and_the_captured_queries(selective):
+    url, folders = selective
+    old, new = restart_gateway(url)
+    assert new["state"]["resumed"] is True
+    for key in ("mode", "cascade", "cost", "drift", "student_share", "stage", "events"):
+        assert new[key] == old[key], key
+    assert new["mode"] == "cascade" and new["cascade"]["threshold"] == 1.0
+    assert new["capture"]["on_disk_at_start"] == old["capture"]["written"]
+    # A query captured before the restart is not captured again.
+    r = cascade_all(url, [QUERIES[0]], "after-restart")[0]
+    assert check_decision(r, 1.0) is False
+    after = stats(url)
+    assert after["capture"]["skipped"]["duplicate"] == 1 and after["capture"]["accepted"] == 0
+    assert after["cascade"]["requests"] == old["cascade"]["requests"] + 1
+    assert len(captured(folders["capture"])) == old["capture"]["written"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 
 import pytest
@@ -286,9 +287,9 @@ def test_share_change_resets_the_windows_and_is_logged():
                 min_agreement=0.9, max_student_p95_s=None)
     for _ in range(9):
         shadow(r, "Final Answer: en", "Final Answer: fr")
-    event = r.set_share(0.5, "stage 3", shadow_rate=0.25)
+    event = r.set_share(0.5, "stage 3", shadow_rate=0.25, by="admin key 'ops'")
     assert event == {"time": 1000.0, "kind": "share_change", "from": 0.1, "to": 0.5, "reason": "stage 3",
-                     "shadow_sample_rate": 0.25, "stage": 1}
+                     "shadow_sample_rate": 0.25, "stage": 1, "by": "admin key 'ops'"}
     assert len(r.comparisons) == 0 and r.shadow_rate == 0.25
     with pytest.raises(ValueError):
         r.set_share(1.5, "bad")
@@ -350,7 +351,11 @@ def test_prometheus_text_has_every_metric():
                  "distill_shadow_agreement NaN", "distill_rollbacks_total 0", "distill_rollout_stage 0",
                  'distill_rollout_rule_limit{rule="error_rate"} 0.05', 'distill_rollout_rule_limit{rule="agreement"} 0.9',
                  'distill_rollout_rule_limit{rule="similarity"} NaN', 'distill_rollout_rule_limit{rule="latency_p95"} 10.0',
-                 'distill_rollback_firings_total{rule="agreement"} 0', "distill_student_unparsable_total 0"):
+                 'distill_rollback_firings_total{rule="agreement"} 0', "distill_student_unparsable_total 0",
+                 'distill_cascade_mode{mode="split"} 1', 'distill_cascade_mode{mode="cascade"} 0',
+                 "distill_cascade_threshold NaN", 'distill_cascade_requests_total{outcome="kept"} 0',
+                 'distill_drift_psi{signal="labels"} NaN', 'distill_drift_events_total{signal="deferral"} 0',
+                 "distill_drift_limit 0.25", 'distill_cost_usd{part="shadow"} 0.0'):
         assert line in text.splitlines(), line
     # The official parser reads it back: every family, with the right types.
     from prometheus_client.parser import text_string_to_metric_families
@@ -362,7 +367,12 @@ def test_prometheus_text_has_every_metric():
         "distill_rollout_stage": "gauge", "distill_shadow_agreement": "gauge", "distill_shadow_comparisons": "counter",
         "distill_rollout_rule_value": "gauge", "distill_rollout_rule_limit": "gauge",
         "distill_rollout_rule_samples": "gauge", "distill_student_unparsable": "counter",
-        "distill_stale_results": "counter", "distill_rollbacks": "counter", "distill_rollback_firings": "counter"}
+        "distill_stale_results": "counter", "distill_rollbacks": "counter", "distill_rollback_firings": "counter",
+        "distill_cascade_mode": "gauge", "distill_cascade_threshold": "gauge", "distill_cascade_requests": "counter",
+        "distill_cascade_deferral_rate": "gauge", "distill_cascade_kept_agreement": "gauge",
+        "distill_cost_usd": "counter", "distill_cost_teacher_only_usd": "gauge", "distill_cost_saved_usd": "gauge",
+        "distill_drift_psi": "gauge", "distill_drift_samples": "gauge", "distill_drift_limit": "gauge",
+        "distill_drift_events": "counter", "distill_gateway_overhead_seconds": "gauge"}
 
 
 # -- wire format -------------------------------------------------------------------------------------------------
@@ -459,3 +469,412 @@ def test_cli_registers_serve_and_compare_latency():
     assert args.func.__name__ == "_serve_cli" and args.port == 9001
     args = parser.parse_args(["compare-latency", "--url", "http://127.0.0.1:1", "--limit", "3"])
     assert args.func.__name__ == "_compare_cli"
+
+
+# -- selective serving: the cascade, its savings, drift ----------------------------------------------------------
+def answer(text: str, confidence, prompt_tokens: int = 10, completion_tokens: int = 3, cached_tokens: int = 0):
+    return {"text": text, "raw": text, "confidence": confidence, "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens, "cached_tokens": cached_tokens}
+
+
+def cascaded(r: Rollout, student, teacher=None, student_status=None, teacher_status=None):
+    """One cascaded request through the rollout, as the gateway records it; returns (kept, reason)."""
+    route = r.route("u")
+    assert route.cascade
+    kept, reason = r.cascade_decision(student) if student else (False, "student_error")
+    r.record_cascade(route, student, student_status, 0.2, kept, reason,
+                     None if kept else teacher, None if kept else teacher_status, None if kept else 0.5)
+    return kept, reason
+
+
+def test_the_cascade_keeps_confident_answers_defers_the_rest_and_every_request_is_counted_once():
+    r = rollout(student_share=1.0, mode="cascade", cascade={"threshold": 0.6}, max_student_p95_s=None)
+    teacher = answer("Final Answer: de", None, prompt_tokens=1500, cached_tokens=1400)
+    outcomes = [
+        cascaded(r, answer("Final Answer: en", 0.9)),                             # kept
+        cascaded(r, answer("Final Answer: en", 0.6)),                             # kept: the threshold keeps
+        cascaded(r, answer("Final Answer: fr", 0.59), teacher),                   # low confidence
+        cascaded(r, answer("no label at all", 0.99), teacher),                    # names no label
+        cascaded(r, answer("Final Answer: de", None), teacher),                   # no confidence
+        cascaded(r, None, teacher, student_status=503),                           # the student failed
+        cascaded(r, answer("Final Answer: fr", 0.1), None, teacher_status=504),   # ... and the teacher failed
+    ]
+    assert [k for k, _ in outcomes] == [True, True, False, False, False, False, False]
+    assert [reason for _, reason in outcomes] == ["confident", "confident", "low_confidence", "no_label",
+                                                  "no_confidence", "student_error", "low_confidence"]
+    c = r.snapshot()["cascade"]
+    assert (c["requests"], c["kept"], c["deferred"], c["failed"]) == (7, 2, 4, 1)
+    assert c["requests"] == c["kept"] + c["deferred"] + c["failed"]
+    assert c["deferred_by_reason"] == {"low_confidence": 1, "no_label": 1, "no_confidence": 1, "student_error": 1}
+    assert c["deferral_rate"] == 5 / 7 and c["threshold"] == 0.6
+    # Answered by the arm that answered: 2 kept by the student, 4 by the teacher, the failed one by nobody.
+    assert r.snapshot()["routed"] == {"teacher": 4, "student": 2}
+    # The teacher's fallback against the student's answer: de vs fr, vs no label, vs de (agree).
+    assert c["deferred_comparisons"] == {"agree": 1, "disagree": 2, "unjudged": 0}
+    # The windows judge the kept share: 2 kept (successes), 2 failures (the 503, the answer with no label); the
+    # low-confidence deferrals are neither; latency only of the kept.
+    assert list(r.outcomes) == [False, False, True, True] and list(r.student_latencies) == [0.2, 0.2]
+    assert r.unparsable == 1
+    # Per arm: the student was asked 7 times (one 503), the teacher 5 times (one 504).
+    arms = r.snapshot()["arms"]
+    assert arms["student"]["requests"] == 6 and arms["student"]["errors"] == {"503": 1}
+    assert arms["teacher"]["requests"] == 4 and arms["teacher"]["errors"] == {"504": 1}
+
+
+def test_the_cascade_rolls_back_on_the_kept_shares_failures_not_on_its_deferrals():
+    r = rollout(student_share=1.0, mode="cascade", cascade={"threshold": 0.5}, error_window=10,
+                min_error_samples=10, max_error_rate=0.3, max_student_p95_s=None)
+    teacher = answer("Final Answer: en", None)
+    for _ in range(50):  # unsure but fine: deferred every time, no failure
+        cascaded(r, answer("Final Answer: en", 0.2), teacher)
+    assert r.rollbacks == 0 and r.share == 1.0 and len(r.outcomes) == 0
+    for _ in range(6):
+        cascaded(r, answer("Final Answer: en", 0.9))
+    for _ in range(4):
+        cascaded(r, None, teacher, student_status=503)
+    assert r.rollbacks == 1 and r.share == 0.0 and r.events[-1]["rule"] == "error_rate"
+    assert r.route("u") == Route(TEACHER, r.stage, cascade=False)  # at share 0 nothing is cascaded
+
+
+def test_mode_and_threshold_change_at_runtime_and_bad_ones_are_refused():
+    r = rollout(student_share=0.5)
+    assert r.mode == "split" and not r.route("u1").cascade
+    with pytest.raises(ValueError, match="needs a threshold"):
+        r.set_cascade("cascade")
+    with pytest.raises(ValueError, match=r"within \[0, 1\]"):
+        r.set_cascade("cascade", 1.5)
+    with pytest.raises(ValueError, match="mode must be"):
+        r.set_cascade("sideways", 0.5)
+    r.drift.observe_deferral(True)
+    event = r.set_cascade("cascade", 0.7, "try it", by="admin key 'ops'")
+    assert event == {"time": 1000.0, "kind": "cascade_change", "from": {"mode": "split", "threshold": None},
+                     "to": {"mode": "cascade", "threshold": 0.7}, "reason": "try it", "by": "admin key 'ops'",
+                     "stage": 1}
+    assert r.stage == 1 and len(r.drift.deferrals) == 0  # a new threshold starts a new deferral window
+    users = [f"u{i}" for i in range(200)]
+    assert {r.route(u).cascade for u in users if r.choose_arm(u) == STUDENT} == {True}
+    assert {r.route(u).cascade for u in users if r.choose_arm(u) == TEACHER} == {False}
+    r.set_cascade(threshold=0.4)
+    assert (r.mode, r.threshold) == ("cascade", 0.4)
+    free = Rollout(RolloutConfig(), PERSONA)
+    with pytest.raises(ValueError, match="<= 0"):
+        free.set_cascade("cascade", 0.5)  # a free-text confidence is a mean log-probability
+    free.set_cascade("cascade", -1.2)
+
+
+def test_a_cascade_needs_a_threshold_that_fits_the_task(tmp_path):
+    from serve.app import resolve_config
+
+    with pytest.raises(ConfigError, match="needs a threshold"):
+        check_rules(RolloutConfig(mode="cascade"), LANGID)
+    with pytest.raises(ConfigError, match=r"within \[0, 1\]"):
+        check_rules(RolloutConfig(cascade={"threshold": 2.0}), LANGID)
+    with pytest.raises(ConfigError, match="<= 0"):
+        check_rules(RolloutConfig(mode="cascade", cascade={"threshold": 0.5}), PERSONA)
+    with pytest.raises(ValidationError, match="not both"):
+        RolloutConfig(cascade={"threshold": 0.5, "threshold_from": "r.json"})
+
+    def resolved(report) -> RolloutConfig:
+        path = tmp_path / "report.json"
+        path.write_text(json.dumps(report))
+        return resolve_config(ServeConfig.model_validate(
+            {"rollout": {"mode": "cascade", "cascade": {"threshold_from": str(path)}}})).rollout
+
+    rollout_config = resolved({"selective": {"threshold": 0.72, "target_agreement": 0.95, "deferral_rate": 0.3}})
+    assert rollout_config.cascade.threshold == 0.72 and rollout_config.cascade.threshold_from is None
+    assert rollout_config.drift.reference_deferral_rate == 0.3  # the report's rate at that threshold
+    ServeConfig.model_validate(ServeConfig(rollout=rollout_config).model_dump())  # what the gateway revalidates
+    with pytest.raises(ConfigError, match="selective.threshold is null.*target agreement 0.99"):
+        resolved({"selective": {"threshold": None, "target_agreement": 0.99}})
+    with pytest.raises(ConfigError, match="no selective.threshold"):
+        resolved({"fidelity": {}})
+    with pytest.raises(ConfigError, match="no such file"):
+        resolve_config(ServeConfig.model_validate(
+            {"rollout": {"cascade": {"threshold_from": str(tmp_path / "missing.json")}}}))
+
+
+def test_savings_price_the_student_answers_at_the_teachers_mean():
+    from distill.cost import CostConfig, Price
+
+    prices = CostConfig(teacher=Price(input_per_million=1.0, cached_input_per_million=0.0, output_per_million=10.0),
+                        student=Price(input_per_million=0.1, output_per_million=1.0))
+    r = Rollout(RolloutConfig(student_share=1.0, mode="cascade", cascade={"threshold": 0.5},
+                              max_student_p95_s=None), LANGID, rng=random.Random(0), prices=prices)
+    assert r.snapshot()["cost"]["teacher_only_usd"] is None  # no teacher answer seen yet: unknown, and said so
+    # A teacher answer: 1500 prompt tokens of which 1000 cached, 4 output tokens: (500 * 1 + 4 * 10) / 1e6.
+    teacher = answer("Final Answer: de", None, prompt_tokens=1500, completion_tokens=4, cached_tokens=1000)
+    student = answer("Final Answer: de", 0.9, prompt_tokens=100, completion_tokens=4)
+    cascaded(r, answer("Final Answer: de", 0.1, prompt_tokens=100, completion_tokens=4), teacher)
+    cascaded(r, student)
+    cascaded(r, student)
+    cost = r.snapshot()["cost"]
+    t, s = 540 / 1e6, (100 * 0.1 + 4 * 1.0) / 1e6
+    assert cost["teacher_usd"] == pytest.approx(t) and cost["student_usd"] == pytest.approx(3 * s)
+    assert cost["teacher_only_usd"] == pytest.approx(3 * t)
+    assert cost["saved_usd"] == pytest.approx(3 * t - t - 3 * s)
+    assert cost["saved_fraction"] == pytest.approx((2 * t - 3 * s) / (3 * t))
+    # A shadow answer is spent, not saved.
+    assert r.should_shadow() is False  # shadow rate 0.1 with this rng: force one
+    r.shadow_in_flight += 1
+    r.record_shadow(r.stage, teacher["text"], student["text"], teacher_tokens=teacher)
+    assert r.snapshot()["cost"]["shadow_usd"] == pytest.approx(t)
+    assert r.snapshot()["cascade"]["kept_comparisons"]["agree"] == 1
+
+
+def test_psi_is_zero_for_the_reference_and_grows_with_the_shift():
+    from serve.selective import psi
+
+    reference = {"en": 0.5, "fr": 0.3, "de": 0.2}
+    assert psi({"en": 50, "fr": 30, "de": 20}, reference) == pytest.approx(0.0)
+    # By hand: (0.3-0.5) ln(0.3/0.5) + (0.3-0.3) ln 1 + (0.4-0.2) ln(0.4/0.2) = 0.1022 + 0.1386.
+    assert psi({"en": 30, "fr": 30, "de": 40}, reference) == pytest.approx(
+        -0.2 * math.log(0.6) + 0.2 * math.log(2.0))
+    assert psi({"zh": 10}, reference) > 5  # a label the training data never had: an empty bin is floored
+    assert psi({}, reference) is None
+
+
+def test_drift_records_an_event_once_when_the_live_labels_leave_the_training_distribution():
+    r = Rollout(RolloutConfig(student_share=0.0, drift={"window": 50, "min_samples": 20, "max_psi": 0.25}),
+                LANGID, rng=random.Random(0), clock=lambda: 1000.0, reference_labels={"en": 0.5, "fr": 0.5})
+    assert r.snapshot()["drift"]["deferral"]["off"].startswith("no reference deferral rate")
+    for i in range(40):  # as in training: no event
+        r.record_request(routed(r, TEACHER), 0.1, 10, 2, f"Final Answer: {'en' if i % 2 else 'fr'}")
+    assert r.drift.readings()["labels"]["psi"] == pytest.approx(0.0) and not r.events
+    for _ in range(40):  # the traffic turns German
+        r.record_request(routed(r, TEACHER), 0.1, 10, 2, "Final Answer: de")
+    events = [e for e in r.events if e["kind"] == "drift"]
+    assert len(events) == 1, r.events  # once, not once per request over the limit
+    assert events[0]["signal"] == "labels" and events[0]["reason"].startswith("re-distill recommended")
+    assert events[0]["psi"] > 0.25 and events[0]["samples"] >= 20
+    assert r.snapshot()["drift"]["labels"]["alarmed"] is True
+    for i in range(50):  # back to the training mix: cleared, and armed again
+        r.record_request(routed(r, TEACHER), 0.1, 10, 2, f"Final Answer: {'en' if i % 2 else 'fr'}")
+    assert r.events[-1]["kind"] == "drift_cleared" and not r.drift.alarmed["labels"]
+    assert 'distill_drift_events_total{signal="labels"} 1' in r.prometheus().splitlines()
+    direct = len(r.drift.labels)
+    r.record_request(Route(TEACHER), 0.1, 10, 2, "Final Answer: zh")  # not routed: not the production traffic
+    assert len(r.drift.labels) == direct
+
+
+def test_drift_of_the_deferral_rate_against_the_reports():
+    r = rollout(student_share=1.0, mode="cascade", cascade={"threshold": 0.5}, max_student_p95_s=None,
+                drift={"reference_deferral_rate": 0.1, "window": 40, "min_samples": 20})
+    assert r.snapshot()["drift"]["labels"]["off"].startswith("no reference: set rollout.drift.reference_data")
+    teacher = answer("Final Answer: de", None)
+    for i in range(30):  # half deferred where the report expected a tenth
+        cascaded(r, answer("Final Answer: en", 0.9 if i % 2 else 0.1), teacher)
+    (event,) = [e for e in r.events if e["kind"] == "drift"]
+    assert event["signal"] == "deferral" and event["live"] == {"deferred": 0.5, "kept": 0.5}
+
+
+def test_a_resumed_rollout_keeps_the_mode_the_threshold_and_the_counters(tmp_path):
+    config = RolloutConfig(student_share=1.0, mode="split", cascade={"threshold": 0.5}, max_student_p95_s=None,
+                           drift={"reference_deferral_rate": 0.2})
+    first = Rollout(config, LANGID, rng=random.Random(0), reference_labels={"en": 1.0})
+    first.set_cascade("cascade", 0.8, "on", by="admin key 'ops'")
+    teacher = answer("Final Answer: de", None, prompt_tokens=1500)
+    for conf in (0.9, 0.3, 0.95, 0.1):
+        cascaded(first, answer("Final Answer: en", conf), teacher)
+    store = UriStateStore(str(tmp_path / "rollout.json"))
+    asyncio.run(store.save({"rollout": first.to_state()}))
+    resumed = Rollout(config, LANGID, rng=random.Random(0), reference_labels={"en": 1.0})
+    resumed.load_state(asyncio.run(store.load())["rollout"])
+    assert (resumed.mode, resumed.threshold) == ("cascade", 0.8)
+    for key in ("cascade", "cost", "drift", "routed", "events", "stage"):
+        assert resumed.snapshot()[key] == first.snapshot()[key], key
+    # State saved before the cascade existed resumes as it did, in the config's mode.
+    old = {k: v for k, v in first.to_state().items() if k not in ("mode", "threshold", "cascade", "savings",
+                                                                   "drift", "routed")}
+    older = Rollout(config, LANGID, rng=random.Random(0))
+    older.load_state(old)
+    assert older.mode == "split" and older.snapshot()["cascade"]["requests"] == 0 and older.share == first.share
+
+
+# -- capture -----------------------------------------------------------------------------------------------------
+def test_captured_rows_are_generation_data_each_query_once_and_survive_a_restart(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distill.formats import DATA_SCHEMA
+    from distill.inputs import content_id
+    from distill.tasks import task_of_data
+    from serve.capture import Capture
+
+    def open_capture() -> Capture:
+        return Capture(str(tmp_path / "cap"), LANGID, "teacher-model", rows_per_shard=100, flush_seconds=60).open()
+
+    def user(text):
+        return [{"role": "user", "content": text}]
+
+    capture = open_capture()
+    rows = [capture.row(user("  Hallo Welt  "), answer("Final Answer: de", None, 1500, 4)),
+            capture.row(user("Hallo Welt"), answer("Final Answer: de", None)),               # the same query
+            capture.row(user("Bonjour"), {**answer("", None), "raw": "<think>French</think>\nFinal Answer: fr"}),
+            capture.row(user("???"), answer("I cannot tell", None)),                         # unparsable
+            capture.row([{"role": "system", "content": "be brief"}] + user("Hi"), answer("Final Answer: en", None))]
+    assert [r is not None for r in rows] == [True, False, True, False, False]
+    assert rows[0]["id"] == content_id("Hallo Welt") and rows[0]["text"] == "Hallo Welt"
+    assert rows[0]["messages"] == [{"role": "user", "content": "Hallo Welt"},
+                                   {"role": "assistant", "content": "Final Answer: de"}]
+    assert (rows[0]["label"], rows[0]["prompt_tokens"], rows[0]["output_tokens"]) == ("de", 1500, 4)
+    assert rows[2]["reasoning"] == "French" and rows[2]["answer"] == "Final Answer: fr"
+    assert rows[2]["teacher_output"] == "<think>French</think>\nFinal Answer: fr"
+    for row in (rows[0], rows[2]):
+        asyncio.run(capture.write(row))
+    capture.close()
+    snapshot = capture.snapshot()
+    assert (snapshot["accepted"], snapshot["written"], snapshot["pending"]) == (2, 2, 0)
+    assert snapshot["skipped"] == {"duplicate": 1, "conversation": 1, "unparsable": 1, "write_failed": 0}
+    (shard,) = (tmp_path / "cap" / "data").glob("*.parquet")
+    table = pq.read_table(shard)
+    assert table.schema.equals(DATA_SCHEMA)  # the generation data format, column for column
+    assert table.column("id").to_pylist() == [content_id("Hallo Welt"), content_id("Bonjour")]
+    assert task_of_data(str(tmp_path / "cap")).name == "language-id"  # what training reads the task from
+    # A restarted gateway knows what is there already: the same query is not written again.
+    again = open_capture()
+    assert again.on_disk_at_start == 2 and again.row(user("Hallo Welt"), answer("Final Answer: de", None)) is None
+    again.close()
+    pa.Table.from_pylist([], schema=DATA_SCHEMA)  # (the schema builds empty tables too)
+    with pytest.raises(ValueError, match="not 'persona'"):
+        Capture(str(tmp_path / "cap"), PERSONA, "t", 10, 1).open()
+
+
+# -- the student engine: merged or LoRA -----------------------------------------------------------------------
+def test_one_adapter_on_cpu_is_served_merged_and_several_keep_lora(tmp_path):
+    from serve.student import serving_mode
+
+    def adapter(name: str, experts: bool = False) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        config = {"r": 8, **({"target_parameters": ["mlp.experts.gate_up_proj"]} if experts else {})}
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        return str(folder)
+
+    one, other, moe = adapter("one"), adapter("other"), adapter("moe", experts=True)
+    assert serving_mode("auto", {}, "language-id", "cpu")[0] == "plain"
+    mode, why = serving_mode("auto", {"language-id": one}, "language-id", "cpu")
+    assert mode == "merged" and "no fast LoRA path" in why
+    mode, why = serving_mode("auto", {"language-id": moe}, "language-id", "cpu")
+    assert mode == "merged" and "mixture-of-experts" in why
+    assert serving_mode("auto", {"language-id": one}, "language-id", "gpu")[0] == "lora"
+    assert serving_mode("auto", {"language-id": moe}, "language-id", "gpu")[0] == "lora"
+    mode, why = serving_mode("auto", {"language-id": one, "x": other}, "language-id", "cpu")
+    assert mode == "lora" and "2 adapters share one base" in why
+    assert serving_mode("lora", {"language-id": one}, "language-id", "cpu") == ("lora", "student.serving: lora")
+    assert serving_mode("merged", {"language-id": one}, "language-id", "gpu")[0] == "merged"
+    with pytest.raises(ConfigError, match="folds one adapter"):
+        serving_mode("merged", {"language-id": one, "x": other}, "language-id", "cpu")
+    with pytest.raises(ConfigError, match="cannot serve with LoRA"):
+        serving_mode("auto", {"language-id": moe, "x": other}, "language-id", "cpu")
+
+
+def test_the_adapter_digest_changes_with_its_contents(tmp_path):
+    from serve.student import adapter_digest, merged_location
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text('{"r": 8}')
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"weights-1")
+    first = adapter_digest(str(tmp_path / "a"))
+    assert adapter_digest(str(tmp_path / "a")) == first
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"weights-2")
+    assert adapter_digest(str(tmp_path / "a")) != first
+    assert merged_location("/runs/demo/train/adapter/", None) == "/runs/demo/train/adapter-merged"
+    assert merged_location("s3://b/adapter", "s3://b/cache/merged") == "s3://b/cache/merged"
+
+
+# -- confidence from the engine's logprobs ---------------------------------------------------------------------
+def test_answer_confidence_is_the_reports_and_leaves_reasoning_out():
+    from types import SimpleNamespace
+
+    from distill.evaluation import confidence
+    from serve.arms import answer_confidence, sampled_logprobs
+
+    def position(token, logprob, text, other=None):
+        entries = {token: SimpleNamespace(logprob=logprob, decoded_token=text)}
+        if other is not None:  # the top-1 token vLLM returns beside a sampled one that is not it
+            entries[other] = SimpleNamespace(logprob=-0.01, decoded_token="?")
+        return entries
+
+    output = SimpleNamespace(token_ids=[5, 6, 7], logprobs=[position(5, -0.1, "Final"), position(6, -0.2, " Answer:"),
+                                                             position(7, -0.3, " en", other=9)])
+    lps, texts = sampled_logprobs(output)
+    assert lps == [-0.1, -0.2, -0.3] and texts == ["Final", " Answer:", " en"]
+    assert answer_confidence(LANGID, lps, texts) == pytest.approx(math.exp(-0.6)) == confidence(
+        LANGID, {"token_logprobs": lps, "error": None})
+    # A thinking teacher: only the tokens after </think> (and the blank ones after it) are the answer's.
+    texts = ["<think>", "Latin", "</th", "ink>", "\n\n", "Final Answer: en"]
+    lps = [-5.0, -5.0, -5.0, -5.0, -1.0, -0.25]
+    assert answer_confidence(LANGID, lps, texts) == pytest.approx(math.exp(-0.25))
+    assert answer_confidence(PERSONA, [-1.0, -3.0], ["Ah", "!"]) == pytest.approx(-2.0)  # mean logprob per token
+    assert answer_confidence(LANGID, [], []) is None
+
+
+# -- administration apart from clients -------------------------------------------------------------------------
+def test_admin_keys_administer_client_keys_get_403_and_open_is_loopback_only():
+    from serve.auth import OPEN, Keys, check_exposure
+    from serve.protocol import ApiError
+
+    keys = Keys("client-key", {"ops": "admin-key", "ci": "ci-key"})
+
+    def bearer(token):
+        return {"authorization": f"Bearer {token}"}
+
+    assert keys.client(bearer("client-key")) == "client key"
+    assert keys.client(bearer("ci-key")) == "admin key 'ci'"  # an admin may use the models too
+    assert keys.admin(bearer("admin-key")) == "admin key 'ops'"
+    for headers, status in ((bearer("client-key"), 403), (bearer("nope"), 401), ({}, 401)):
+        with pytest.raises(ApiError) as err:
+            keys.admin(headers)
+        assert err.value.status == status
+    with pytest.raises(ApiError) as err:
+        keys.client(bearer("nope"))
+    assert err.value.status == 401
+    with pytest.raises(ApiError) as err:
+        Keys("client-key", {}).admin(bearer("client-key"))
+    assert err.value.status == 403 and "administration is off" in err.value.message
+    assert Keys(None, {}).admin({}) == OPEN and Keys(None, {}).client({}) == OPEN
+    assert Keys(None, {"ops": "admin-key"}).client({}) == "client (no client key configured)"
+
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        check_exposure(host, None, False)
+    for host in ("0.0.0.0", "::", "10.1.2.3", "my-host"):
+        with pytest.raises(ConfigError, match="without an API key.*--insecure-no-auth"):
+            check_exposure(host, None, False)
+        check_exposure(host, "key", False)
+        check_exposure(host, None, True)
+
+
+def test_a_start_on_0_0_0_0_without_keys_is_refused(monkeypatch, tmp_path):
+    from serve.app import build_app, resolve_config, start
+
+    monkeypatch.delenv("DISTILL_API_KEY", raising=False)
+    monkeypatch.delenv("DISTILL_ADMIN_KEY", raising=False)
+    with pytest.raises(ConfigError, match="refusing to serve on 0.0.0.0 without an API key"):
+        start(ServeConfig(host="0.0.0.0"))  # refused before Ray or any engine starts
+    assert resolve_config(ServeConfig(host="0.0.0.0", insecure_no_auth=True)).api_key is None
+    monkeypatch.setenv("DISTILL_API_KEY", "client")
+    monkeypatch.setenv("DISTILL_ADMIN_KEY", "admin")
+    resolved = resolve_config(ServeConfig(host="0.0.0.0"))
+    assert resolved.api_key == "client" and resolved.admin_keys == {"DISTILL_ADMIN_KEY": "admin"}
+    monkeypatch.setenv("DISTILL_ADMIN_KEY", "client")
+    with pytest.raises(ConfigError, match="the same"):
+        resolve_config(ServeConfig())
+    with pytest.raises(ValidationError, match="differ from api_key"):
+        ServeConfig(api_key="k", admin_keys={"ops": "k"})
+    # Serve's builder cannot see the address Serve listens on: without a key it counts as exposed.
+    monkeypatch.delenv("DISTILL_API_KEY")
+    monkeypatch.delenv("DISTILL_ADMIN_KEY")
+    with pytest.raises(ConfigError, match="without an API key"):
+        build_app({"task": "language-id"})
+
+
+def test_cli_takes_the_selective_serving_options(monkeypatch):
+    from distill.cli import build_parser
+    from serve.cli import _serve_overrides
+
+    args = build_parser().parse_args(["serve", "--adapter", "A", "--mode", "cascade", "--threshold-from", "r.json",
+                                      "--capture", "s3://b/cap", "--admin-key", "k", "--insecure-no-auth",
+                                      "--student-serving", "lora", "--reference-data", "runs/gen"])
+    assert (args.mode, args.threshold_from, args.capture, args.admin_key) == ("cascade", "r.json", "s3://b/cap", "k")
+    assert args.insecure_no_auth and args.student_serving == "lora" and args.reference_data == "runs/gen"
+    assert _serve_overrides(args, {})["student"]["serving"] == "lora"
