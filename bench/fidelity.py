@@ -71,7 +71,21 @@ def run_method(work: Path, data: str, configs: list[dict], eval_config: dict) ->
             "verdict": report["verdict"]["text"], "eval_wall_s": report["seconds"]}
 
 
-def main(data: str | None = None, steps: int | None = None, keep: str | None = None) -> dict[str, Any]:
+def demo_result(demo: str, steps: int) -> dict[str, Any] | None:
+    """The soft-SFT row from a finished `make demo` output (its training is that method at the demo's settings),
+    so the comparison need not train and evaluate it again; None when the demo ran other settings."""
+    summary = read_json(str(Path(demo) / "train" / "train_summary.json"))
+    report = read_json(str(Path(demo) / "eval" / "report.json"))
+    if not summary or not report or summary.get("method") != "sft" or summary.get("planned_steps") != steps \
+            or not summary.get("soft_label_weight"):
+        return None
+    return {"train_wall_s": round(summary["wall_s"], 1), "steps": steps, "headline": report["headline"],
+            "fidelity": report["fidelity"], "nll": report["nll"], "verdict": report["verdict"]["text"],
+            "eval_wall_s": report["seconds"], "from": demo}
+
+
+def main(data: str | None = None, steps: int | None = None, keep: str | None = None,
+         demo: str | None = None) -> dict[str, Any]:
     demo = yaml.safe_load(DEMO.read_text())
     train = {k: v for k, v in demo["train"].items() if k not in ("merge",)}
     steps = steps or train.get("max_steps", 60)
@@ -86,8 +100,9 @@ def main(data: str | None = None, steps: int | None = None, keep: str | None = N
             run_script(["-m", "distill.cli", "generate", "--output", data, "--config", str(gen)], timeout=3600)
         results = {}
         for key, title, configs in methods(train, steps, engine):
-            print(f"== fidelity: {title}", flush=True)
-            results[key] = {"title": title, **run_method(work / key, data, configs, eval_config)}
+            reused = demo_result(demo, steps) if demo and key == "soft" else None
+            print(f"== fidelity: {title}" + (f" (the demo's run in {demo})" if reused else ""), flush=True)
+            results[key] = {"title": title, **(reused or run_method(work / key, data, configs, eval_config))}
     ceiling = next(iter(results.values()))["fidelity"]["ceiling"]["teacher_vs_sample"]["agreement"]
     floor = next(iter(results.values()))["fidelity"]["floor"]["rate"]
 
@@ -118,6 +133,8 @@ if __name__ == "__main__":
     parser.add_argument("--data", help="a generation output (default: generate the demo's sample first)")
     parser.add_argument("--steps", type=int, help="optimizer steps per method (default: the demo's)")
     parser.add_argument("--keep", help="work folder to keep (default: a temporary one)")
+    parser.add_argument("--demo", help="a finished demo output (runs/demo): its training is the soft-SFT row; "
+                        "use with --data DEMO/generate")
     args = parser.parse_args()
-    main(args.data, args.steps, args.keep)
+    main(args.data, args.steps, args.keep, args.demo)
     print(json.dumps({"done": True}))

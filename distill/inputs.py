@@ -129,7 +129,10 @@ def sampled_positions(uri: str, n: int, text_column: str = "text", id_column: st
 
     from distill.training import id_hash
 
-    ranked = ((id_hash(row.id, seed), row.row) for row in read_queries(uri, text_column, id_column, label_column))
+    # Salted apart from training's split (id_hash(id, split_seed)): the lowest split hashes are the test and
+    # validation rows, so ranking by the same hash would make a sample of mostly held-out rows.
+    ranked = ((id_hash(row.id, f"sample-{seed}"), row.row)
+              for row in read_queries(uri, text_column, id_column, label_column))
     return {position for _, position in heapq.nsmallest(n, ranked)}
 
 

@@ -28,7 +28,7 @@ class TrainDataError(ValueError):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Split
-def id_hash(example_id: str, seed: int) -> float:
+def id_hash(example_id: str, seed: int | str) -> float:
     """A uniform number in [0, 1) from the id alone: the same id lands in the same split on every run."""
     digest = hashlib.sha256(f"{seed}:{example_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64

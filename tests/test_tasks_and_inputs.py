@@ -135,3 +135,22 @@ def test_structurally_wrong_inputs_fail_clearly(tmp_path):
     (tmp_path / "q.jsonl").write_text(json.dumps({"prompt": "a"}) + "\n")
     with pytest.raises(InputError, match=r"q.jsonl:1: no column 'text' \(columns: prompt\)"):
         list(read_queries(str(tmp_path / "q.jsonl")))
+
+
+def test_a_sample_of_the_bundled_file_covers_every_label_and_splits_like_the_whole():
+    """The bundled sample is grouped by language: a sample must reach every label, and it must not be drawn by the
+    hash that also decides training's split (then the sample would be mostly test and validation rows)."""
+    from collections import Counter
+
+    from distill.inputs import read_queries, sampled_positions
+    from distill.models import sample_data_path
+    from distill.training import split_of
+
+    keep = sampled_positions(str(sample_data_path()), 400)
+    rows = list(read_queries(str(sample_data_path()), keep=keep))
+    assert len(rows) == 400
+    labels = Counter(r.gold for r in rows)
+    everything = Counter(r.gold for r in read_queries(str(sample_data_path())))
+    assert set(labels) == set(everything)
+    parts = Counter(split_of([r.id for r in rows], 0.1, 0, 0.15).values())
+    assert 0.08 <= parts["test"] / 400 <= 0.22 and 0.05 <= parts["validation"] / 400 <= 0.15
