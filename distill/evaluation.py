@@ -1,6 +1,6 @@
 """The evaluation's numbers, from engine results to report sections: fidelity against its floor and its ceiling,
 labels, prompt absorption (NLLs), latency, the learning curve, and the verdict. Plain functions over plain data;
-`pipelines/evaluate.py` runs the engines and calls them.
+`pipelines/evaluate.py` runs the engines and distill.eval_report calls them.
 
 Fidelity for label tasks is judged three ways, because a bare agreement rate misleads on skewed labels:
 - the floor: how often always answering the teacher's commonest label would agree (and Cohen's kappa, agreement

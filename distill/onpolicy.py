@@ -1,7 +1,8 @@
-"""On-policy prompt distillation, one round's data: the student answers without the prompt (its own samples, on a
-`ray.data.llm` vLLM engine), the teacher scores exactly those tokens with the prompt (teacher-forced decoding,
-the long prompt prefix-cached: distill.scoring) and returns its top-k at every position; training then minimises
-the reverse KL to the teacher on them (distill.training.token_losses, objective "reverse").
+"""On-policy prompt distillation: the rounds (`train_rounds`) and each round's data. The student answers without
+the prompt (its own samples, on a `ray.data.llm` vLLM engine), the teacher scores exactly those tokens with the
+prompt (teacher-forced decoding, the long prompt prefix-cached: distill.scoring) and returns its top-k at every
+position; training (distill.trainer) then minimises the reverse KL to the teacher on them
+(distill.training.token_losses, objective "reverse").
 
 Why: off-policy SFT trains on the teacher's answers; at inference the student continues its own, and its
 mistakes compound where the teacher's data never went. On the student's own samples the teacher says, token by
@@ -11,15 +12,26 @@ Microsoft's OPCD 2026: better than off-policy SFT for context distillation).
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any
+import shutil
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
+from distill.checkpoints import read_metrics
+from distill.config import ConfigError
 from distill.engine import EngineConfig, run_requests
 from distill.scoring import ENGINE_ARGS, scoring_sampling
+from distill.storage import join, local_dir, read_columns, read_json, resolve, staged_dir, write_json
 from distill.tasks import TaskSpec
-from distill.training import IGNORE, Example
+from distill.train_data import read_data, step_totals
+from distill.trainer import export, fit
+from distill.training import IGNORE, Example, StepPlan, read_examples, same_tokenizer, write_examples, write_rank_shards
+
+if TYPE_CHECKING:  # the recipe's config; distill never imports a pipeline at run time
+    from pipelines.train import TrainConfig
 
 log = logging.getLogger("distill.onpolicy")
 
@@ -80,3 +92,71 @@ def round_summary(samples: dict, scores: dict[str, Any]) -> dict[str, Any]:
     lps = [lp for v in scores.values() for lp in (v["token_logprobs"] or [])]
     return {"samples": len(samples), "tokens": len(lps),
             "teacher_logprob_per_token": float(np.mean(lps)) if lps else None}
+
+
+def train_rounds(config: TrainConfig, tokenizer, task, prepared: dict, select_by: str, run: tuple):
+    """Rounds of on-policy distillation (the functions above), each in OUT/rounds/NN: the current student samples
+    the training queries without the prompt, the prompted teacher scores those tokens, Ray Train minimises the
+    reverse KL on them starting from the current adapter. A finished round is skipped on a rerun; a round's samples
+    and scores are kept, so its training resumes on exactly the same data. OUT/adapter is the last round's."""
+    from distill.modeling import merge_adapter_on_cluster
+
+    op = config.on_policy
+    teacher = op.teacher or (prepared["teacher"] if isinstance(prepared["teacher"], str) else None)
+    if not teacher:
+        raise ConfigError(f"on-policy: the data names no single teacher ({prepared['teacher']}); set on_policy.teacher")
+    same, why = same_tokenizer(tokenizer, teacher)
+    if not same:
+        raise ConfigError(f"on-policy distillation scores the student's own tokens with the teacher: {why}")
+    split = read_columns(join(config.output, "split.parquet"), ["id", "split"]).to_pylist()
+    train_ids = {r["id"] for r in split if r["split"] == "train"}
+    rows = [r for r in read_data(config) if r["id"] in train_ids]
+    texts = sorted(({"id": r["id"], "text": r["messages"][0]["content"], "answer": r["answer"]} for r in rows),
+                   key=lambda r: r["id"])
+    max_tokens = op.max_new_tokens or max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"])
+                                          for r in texts) + 8
+    policy, rounds, merged_metrics, offset = config.init_adapter, [], [], 0
+    for r in range(op.rounds):
+        rdir = join(config.output, "rounds", f"{r:02d}")
+        fs, rpath = resolve(rdir)
+        done = read_json(join(rdir, "round.json"))
+        if done is None:
+            cached = f"{rpath}/_tokens/examples.parquet"
+            if fs.get_file_info(cached).type == pafs.FileType.NotFound:
+                rng = np.random.default_rng([config.seed, r])
+                queries = [texts[i] for i in sorted(rng.permutation(len(texts))[:op.queries_per_round or len(texts)])]
+                model = config.student if policy is None else merge_adapter_on_cluster(
+                    config.student, policy, join(rdir, "policy-merged"))
+                samples = sample_answers(queries, task, model, op.engine, op.temperature, max_tokens, config.seed + r)
+                scores = score_with_teacher(queries, samples, task, teacher, op.engine, op.top_k, config.seed + r)
+                fs.create_dir(f"{rpath}/_tokens", recursive=True)
+                write_examples(fs, cached, examples(samples, scores, config.max_length))
+                write_json(join(rdir, "samples.json"), round_summary(samples, scores))
+            # Named apart from `examples` (the function above, which builds them).
+            round_examples = read_examples(fs, cached)
+            plan = StepPlan.build([e.length for e in round_examples], config.per_device_batch_size,
+                                  config.gradient_accumulation, config.workers, 1, config.seed + r, op.steps_per_round)
+            round_prepared = {**prepared, "steps": len(plan), "soft_weight": 1.0, "objective": "reverse",
+                              "shards": write_rank_shards(fs, f"{rpath}/_tokens", round_examples, plan.steps,
+                                                          config.workers),
+                              **step_totals(round_examples, plan.steps), "steps_per_epoch": len(plan)}
+            round_config = config.model_copy(update={"output": rdir, "init_adapter": policy, "merge": False})
+            exported = export(round_config, fit(round_config, round_prepared, task, select_by, *run))
+            done = {"complete": True, "round": r, "planned_steps": len(plan), "policy": policy,
+                    **(read_json(join(rdir, "samples.json")) or {}), **exported}
+            write_json(join(rdir, "round.json"), done)
+        rounds.append(done)
+        policy = join(rdir, "adapter")
+        for m in read_metrics(join(rdir, "metrics.jsonl")):  # one learning curve over every round
+            merged_metrics.append({**m, "step": m["step"] + offset, "round": r})
+        offset += done["planned_steps"]
+    out_fs, out_path = resolve(config.output)
+    with out_fs.open_output_stream(f"{out_path}/metrics.jsonl") as f:
+        f.write("".join(json.dumps(m) + "\n" for m in merged_metrics).encode())
+    with staged_dir(join(config.output, "adapter")) as staging, local_dir(policy) as last:
+        shutil.copytree(last, staging, dirs_exist_ok=True)
+    if config.merge:
+        merge_adapter_on_cluster(config.student, join(config.output, "adapter"), join(config.output, "merged"))
+    last = rounds[-1]
+    return {"best_val_loss": last.get("best_val_loss"), "best_val_agreement": last.get("best_val_agreement"),
+            "best_step": last["best_step"] + offset - last["planned_steps"], "adapter_step": offset}, rounds

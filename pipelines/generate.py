@@ -10,30 +10,27 @@
    pass with a new seed, up to `retries` times, then to the reject log.
 3. Accounting: every input row is in exactly one of data/ and rejects/; manifest.json proves it with counts.
 
-Rerunning the same command into the same output after a crash finishes only the ids that are missing.
+Rerunning the same command into the same output after a crash finishes only the ids that are missing. Each
+step's machinery is in distill.generation.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from typing import Any, Optional
 
-import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field
 
 from distill.checkpoints import AttemptClock
-from distill.config import ConfigError, StrictModel, check_settings
-from distill.sampling import teacher_sampling
-from distill.engine import EngineConfig, engine_facts, processor_config
-from distill.formats import DATA_SCHEMA, QUERY_SCHEMA, REJECT_SCHEMA
-from distill.inputs import read_queries, sampled_positions
+from distill.config import StrictModel, check_settings
+from distill.engine import EngineConfig, engine_facts
+from distill.generation import (account, attempt_dir, data_dir, prepare, rejects_dir, run_attempt,
+                                settings_fingerprint)
 from distill.models import default_model_dir, sample_data_path
-from distill.storage import (ShardWriter, clean_temporaries, join, list_files, read_columns, read_ids, read_json,
-                             remove, write_json)
-from distill.tasks import TaskSpec, load_task
+from distill.sampling import teacher_sampling
+from distill.storage import clean_temporaries, join, read_json, write_json
+from distill.tasks import load_task
 
 log = logging.getLogger("distill.generate")
 
@@ -65,339 +62,11 @@ class GenerateConfig(StrictModel):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engines and their actor pool.")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Paths inside the output directory.
-def data_dir(out: str) -> str:
-    return join(out, "data")
-
-
-def rejects_dir(out: str) -> str:
-    return join(out, "rejects")
-
-
-def work_dir(out: str, *parts: str) -> str:
-    return join(out, "_work", *parts)
-
-
-def attempt_dir(out: str, attempt: int) -> str:
-    return work_dir(out, "queries") if attempt == 0 else work_dir(out, f"retry-{attempt}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 1. Prepare
-def settings_fingerprint(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any]) -> dict[str, Any]:
-    """Everything that changes what generation writes: a rerun into the same output must match it (see
-    distill.config.check_settings). Sharding, flushing, logging and the actor pool's size do not, and stay free."""
-    return {
-        "input": config.input, "limit": config.limit, "sample": config.sample,
-        "columns": [config.text_column, config.id_column, config.label_column],
-        "task": task.model_dump(), "teacher": config.teacher, "sampling": sampling,
-        "samples": config.samples, "retries": config.retries, "seed": config.seed, "logprobs": config.logprobs,
-        "max_model_len": config.engine.max_model_len, "dtype": config.engine.dtype,
-    }
-
-
-def prepare(config: GenerateConfig, task: TaskSpec, tokenizer, sampling: dict[str, Any]) -> dict[str, Any]:
-    """Check every input row and stage the valid queries. Idempotent: done once per output directory (whose
-    settings `main` has already checked)."""
-    out = config.output
-    marker = work_dir(out, "prepared.json")
-    done = read_json(marker)
-    if done is not None:
-        return done
-    # A prepare that died half-way left partial staging: start it over (it is deterministic).
-    remove(work_dir(out))
-    for f in list_files(rejects_dir(out)):
-        remove(f)
-
-    prompt_text = tokenizer.apply_chat_template(task.teacher_messages(""), add_generation_prompt=True,
-                                                tokenize=False)
-    prompt_tokens = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-    budget = config.engine.max_model_len - sampling["max_tokens"] - prompt_tokens
-    if budget <= 0:
-        raise ConfigError(
-            f"the task prompt alone takes {prompt_tokens} tokens and answers {sampling['max_tokens']}, more than "
-            f"engine.max_model_len={config.engine.max_model_len}; raise max_model_len")
-
-    stats = Counter()
-    t0 = time.monotonic()
-    with ShardWriter(work_dir(out, "queries"), "queries", QUERY_SCHEMA, config.rows_per_shard * 10) as queries, \
-            ShardWriter(rejects_dir(out), "input", REJECT_SCHEMA, config.rows_per_shard * 10) as rejects:
-        pending = []
-
-        def check_lengths() -> None:
-            lengths = [len(ids) for ids in tokenizer([r.text for r in pending], add_special_tokens=False)["input_ids"]]
-            for row, n in zip(pending, lengths):
-                if n > budget:
-                    reject(row, f"too long: {n} query tokens, the engine leaves {budget} after the "
-                                f"{prompt_tokens}-token prompt and {sampling['max_tokens']} answer tokens")
-                else:
-                    queries.write({"id": row.id, "text": row.text, "gold": row.gold, "row": row.row})
-                    stats["queries"] += 1
-            pending.clear()
-
-        def reject(row, reason: str) -> None:
-            rejects.write({"id": row.id, "row": row.row, "text": row.text, "reason": reason, "stage": "input",
-                           "teacher_output": None})
-            stats["rejected"] += 1
-
-        keep = sampled_positions(config.input, config.sample, config.text_column, config.id_column,
-                                 config.label_column) if config.sample else None
-        for row in read_queries(config.input, config.text_column, config.id_column, config.label_column,
-                                config.limit, keep):
-            stats["rows_in"] += 1
-            if row.reason:
-                reject(row, row.reason)
-            else:
-                pending.append(row)
-                if len(pending) >= 512:
-                    check_lengths()
-        check_lengths()
-    result = {
-        "rows_in": stats["rows_in"], "queries": stats["queries"],
-        "rejected_at_input": stats["rejected"], "prompt_tokens": prompt_tokens, "seconds": time.monotonic() - t0,
-    }
-    write_json(marker, result)
-    log.info("prepared %d rows: %d queries, %d rejected at input", stats["rows_in"], stats["queries"],
-             stats["rejected"])
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 2. Teacher pass
-def build_generation_pipeline(ds, config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any], attempt: int):
-    """Ray Data dataset of queries (id, text, gold) -> dataset of raw teacher samples, one row per sample.
-
-    The vLLM actor pool comes from `ray.data.llm`; this function only says what each request is and what to keep.
-    """
-    from ray.data.llm import build_processor
-
-    samples, top_k = config.samples, config.logprobs
-
-    def preprocess(row: dict) -> dict:
-        return {"messages": task.teacher_messages(row["text"]), "sampling_params": sampling}
-
-    def postprocess(row: dict) -> dict:
-        return {
-            "id": row["id"], "row": row["row"], "text": row["text"], "gold": row["gold"], "sample": row["sample"],
-            "generated_text": row["generated_text"], "generated_tokens": list(row["generated_tokens"]),
-            "num_input_tokens": row["num_input_tokens"], "num_generated_tokens": row["num_generated_tokens"],
-            "logprobs": _topk(row.get("logprobs"), row["generated_tokens"], top_k),
-        }
-
-    ds = ds.flat_map(lambda r: [{**r, "sample": s} for s in range(samples)])
-    processor = build_processor(
-        # Hybrid-thinking chat templates (Qwen3) read enable_thinking; other templates ignore it.
-        # No per-request seeds: vLLM's CPU sampler crashes ("CPU Generator does not use offset") when a seeded
-        # request's prefill is chunked, which the long shared prompt makes common. The engine seed differs per
-        # attempt, so a retry draws new answers; the samples of one query differ by the engine's RNG stream.
-        processor_config(config.engine, config.teacher, chat_template_kwargs={"enable_thinking": task.teacher.thinks},
-                         seed=config.seed + attempt),
-        preprocess=preprocess,
-        postprocess=postprocess,
-        preprocess_map_kwargs={"num_cpus": config.engine.side_stage_cpus},
-        postprocess_map_kwargs={"num_cpus": config.engine.side_stage_cpus},
-    )
-    return processor(ds)
-
-
-def _topk(logprobs, tokens, k: int) -> Optional[dict]:
-    """vLLM's per-token {token_id: {logprob, rank, decoded_token}} -> sorted top-k ids and logprobs per token,
-    plus each sampled token's text (to find where the answer starts after any reasoning). vLLM adds the sampled
-    token to the k best when it ranks lower; it is dropped here so every position has exactly the top k."""
-    if not logprobs:
-        return None
-    ids, lps, texts = [], [], []
-    for position, token in zip(logprobs, tokens):
-        ranked = sorted(((int(t), info) for t, info in position.items() if info is not None),
-                        key=lambda item: item[1]["rank"] if item[1].get("rank") is not None else 1 << 30)
-        top = [(t, info) for t, info in ranked if info.get("rank") is not None and info["rank"] <= k]
-        ids.append([t for t, _ in top])
-        lps.append([float(info["logprob"]) for _, info in top])
-        chosen = position.get(int(token)) or position.get(str(int(token))) or {}
-        texts.append(chosen.get("decoded_token") or "")
-    return {"ids": ids, "logprobs": lps, "texts": texts}
-
-
-def answer_start(texts: list[str]) -> int:
-    """Index of the first answer token, given each generated token's text: after the token that completes the
-    last `</think>` (however the tokenizer splits the tag) and the whitespace-only tokens after it (a thinking
-    teacher writes "</think>\n\nFinal Answer: ..."; the answer the student learns is stripped)."""
-    joined = "".join(texts)
-    end = joined.rfind("</think>")
-    start = 0
-    if end >= 0:
-        end += len("</think>")
-        offset = 0
-        for i, t in enumerate(texts):
-            offset += len(t)
-            if offset >= end:
-                start = i + 1
-                break
-    while start < len(texts) and not texts[start].strip():
-        start += 1
-    return start
-
-
-class Decider:
-    """Turns the samples of one query into a training example, a retry, or a reject."""
-
-    def __init__(self, config: GenerateConfig, task: TaskSpec, attempt: int, writers: dict[str, ShardWriter]):
-        self.config, self.task, self.attempt, self.writers = config, task, attempt, writers
-        self.last = attempt == config.retries
-        self.counts = Counter()
-
-    def decide(self, samples: list[dict]) -> None:
-        first = samples[0]
-        parsed = []
-        reasons = Counter()
-        for s in samples:
-            if s.get("__inference_error__"):
-                reasons[f"inference error: {s['__inference_error__'][:300]}"] += 1
-                continue
-            p = self.task.parse(s["generated_text"] or "")
-            if p.answer is None:
-                reasons[p.reason] += 1
-            else:
-                parsed.append((s, p))
-        if parsed:
-            votes = Counter(p.answer for _, p in parsed)
-            best, count = votes.most_common(1)[0]
-            s, p = next((s, p) for s, p in parsed if p.answer == best)
-            self.writers["data"].write(self._example(s, p, count / len(samples)))
-            self.counts["written"] += 1
-            return
-        reason, _ = reasons.most_common(1)[0]
-        inference_failed = reason.startswith("inference error")
-        if not self.last and not inference_failed:
-            self.writers["retry"].write({k: first[k] for k in ("id", "text", "gold", "row")})
-            self.counts["retried"] += 1
-            return
-        tries = "" if inference_failed else f" (after {self.attempt + 1} attempt(s))"
-        self.writers["rejects"].write({"id": first["id"], "row": first["row"], "text": first["text"],
-                                       "reason": f"teacher: {reason}{tries}", "stage": "teacher",
-                                       "teacher_output": first.get("generated_text")})
-        self.counts["rejected"] += 1
-
-    def _example(self, s: dict, p, agreement: float) -> dict:
-        topk = s.get("logprobs")
-        tokens = [int(t) for t in s["generated_tokens"]]
-        start = answer_start(topk["texts"]) if topk else 0
-        return {
-            "id": s["id"], "text": s["text"],
-            "messages": TaskSpec.student_messages(s["text"], p.answer),
-            "answer": p.answer, "label": self.task.label_of(p.answer), "gold": s["gold"],
-            "teacher_output": p.raw, "reasoning": p.reasoning,
-            "prompt_tokens": int(s["num_input_tokens"]), "output_tokens": int(s["num_generated_tokens"]),
-            "teacher": self.config.teacher, "task": self.task.name, "attempt": self.attempt,
-            "samples": self.config.samples, "agreement": agreement,
-            "teacher_token_ids": tokens[start:] if topk else None,
-            "topk_ids": topk["ids"][start:] if topk else None,
-            "topk_logprobs": topk["logprobs"][start:] if topk else None,
-        }
-
-
-def run_attempt(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any], attempt: int) -> Counter:
-    import ray
-
-    out = config.output
-    source = attempt_dir(out, attempt)
-    done = read_ids(data_dir(out)) | teacher_rejected_ids(out) | read_ids(attempt_dir(out, attempt + 1))
-    pending = read_ids(source) - done
-    if not pending:
-        return Counter()
-    log.info("attempt %d: %d queries to send to the teacher (%d already done)", attempt, len(pending),
-             len(read_ids(source)) - len(pending))
-    pending_ref = ray.put(pa.array(sorted(pending), pa.string()))
-
-    def keep_pending(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.is_in(batch["id"], value_set=ray.get(pending_ref)))
-
-    ds = ray.data.read_parquet(list_files(source), ray_remote_args={"num_cpus": 0.25})
-    ds = ds.map_batches(keep_pending, batch_format="pyarrow", num_cpus=0.25).select_columns(["id", "text", "gold", "row"])
-    # Small blocks stream: answers reach the driver (and durable shards) a few batches at a time instead of one
-    # block per staged file at the very end, and memory stays flat however many rows there are.
-    ds = ds.repartition(target_num_rows_per_block=config.engine.batch_size)
-    results = build_generation_pipeline(ds, config, task, sampling, attempt)
-
-    writers = {
-        "data": ShardWriter(data_dir(out), f"part-a{attempt}", DATA_SCHEMA, config.rows_per_shard,
-                            config.flush_seconds),
-        "rejects": ShardWriter(rejects_dir(out), f"teacher-a{attempt}", REJECT_SCHEMA, config.rows_per_shard,
-                               config.flush_seconds),
-        "retry": ShardWriter(attempt_dir(out, attempt + 1), "queries", QUERY_SCHEMA, config.rows_per_shard,
-                             config.flush_seconds),
-    }
-    decider = Decider(config, task, attempt, writers)
-    try:
-        groups: dict[str, list[dict]] = {}
-        t0 = last_log = time.monotonic()
-        first = None  # the rate counts from the first answer: engine start-up is not throughput
-        for row in results.iter_rows():
-            group = groups.setdefault(row["id"], [])
-            group.append(row)
-            if len(group) == config.samples:
-                decider.decide(groups.pop(row["id"]))
-            now = time.monotonic()
-            if first is None:
-                first = now
-                log.info("attempt %d: first answer after %.0fs (engine start-up included)", attempt, now - t0)
-            if now - last_log >= config.progress_seconds:
-                last_log = now
-                finished = sum(decider.counts.values())
-                rate = finished / (now - first) if now > first else 0.0
-                eta = (len(pending) - finished) / rate if rate > 0 else float("inf")
-                log.info("attempt %d: %d/%d queries (written %d, retry %d, rejected %d), %.2f queries/s, eta %.0fs",
-                         attempt, finished, len(pending), decider.counts["written"], decider.counts["retried"],
-                         decider.counts["rejected"], rate, eta)
-        if groups:
-            raise RuntimeError(f"{len(groups)} queries came back with fewer than {config.samples} samples")
-    except BaseException:
-        for w in writers.values():
-            w.discard()
-        raise
-    for w in writers.values():
-        w.close()
-    decider.counts["seconds"] = round(time.monotonic() - t0, 3)
-    return decider.counts
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 3. Accounting
-def teacher_rejected_ids(out: str) -> set[str]:
-    rejected = read_columns(rejects_dir(out), ["id", "stage"])
-    return {i for i, stage in zip(rejected.column("id").to_pylist(), rejected.column("stage").to_pylist())
-            if stage == "teacher"}
-
-
-def account(config: GenerateConfig, prepared: dict[str, Any]) -> dict[str, Any]:
-    """Prove that every input row is in exactly one place: data/ or rejects/ (else raise)."""
-    out = config.output
-    written = read_columns(data_dir(out), ["id"]).column("id").to_pylist()
-    rejected = read_columns(rejects_dir(out), ["id", "row", "stage", "reason"])
-    rows = rejected.column("row").to_pylist()
-    stages = rejected.column("stage").to_pylist()
-    teacher_rejected = [i for i, st in zip(rejected.column("id").to_pylist(), stages) if st == "teacher"]
-    answered = written + teacher_rejected
-    problems = []
-    if len(set(answered)) != len(answered):
-        problems.append(f"{len(answered) - len(set(answered))} query ids written or rejected more than once")
-    if len(set(rows)) != len(rows):
-        problems.append(f"{len(rows) - len(set(rows))} input rows rejected more than once")
-    missing = read_ids(work_dir(out, "queries")) - set(answered)
-    if missing:
-        problems.append(f"{len(missing)} queries neither written nor rejected, e.g. {sorted(missing)[:5]}")
-    if len(written) + len(rows) != prepared["rows_in"]:
-        problems.append(f"rows_in={prepared['rows_in']} but written+rejected={len(written) + len(rows)}")
-    if problems:
-        raise RuntimeError(f"accounting failed for {out}: " + "; ".join(problems))
-    reasons = Counter(r.split(":")[0] if r.startswith("teacher: inference") else r.split(" (")[0]
-                      for r in rejected.column("reason").to_pylist())
-    return {"rows_in": prepared["rows_in"], "rows_written": len(written), "rows_rejected": len(rows),
-            "reject_reasons": dict(reasons.most_common())}
-
-
 def main(config: GenerateConfig) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from distill.ray_init import init_ray
+
     out = config.output
     manifest_path = join(out, "manifest.json")
     task = load_task(config.task)
@@ -409,52 +78,47 @@ def main(config: GenerateConfig) -> dict[str, Any]:
         log.info("%s is complete already (%d rows written); nothing to do", out, existing["rows_written"])
         return existing
     with AttemptClock(out) as clock:
-        return _generate(config, task, sampling, clock)
+        t0 = time.monotonic()
+        # 1. Prepare
+        for d in (data_dir(out), rejects_dir(out)):
+            clean_temporaries(d)
+        tokenizer = AutoTokenizer.from_pretrained(config.teacher)
+        prepared = prepare(config, task, tokenizer, sampling)
 
+        # 2. Teacher pass: the first attempt, then retries of the unparseable answers
+        attempts = {}
+        init_ray()
+        engine = engine_facts(config.engine)
+        log.info("teacher engine: %s, dtype %s (setting %s; CPU kind %s)", engine["device"], engine["dtype"],
+                 engine["dtype_setting"], engine["cpu_kind"])
+        if prepared["queries"]:
+            for attempt in range(config.retries + 1):
+                clean_temporaries(attempt_dir(out, attempt + 1))
+                counts = run_attempt(config, task, sampling, attempt)
+                if counts:
+                    attempts[str(attempt)] = dict(counts)
 
-def _generate(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any], clock: AttemptClock) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    from distill.ray_init import init_ray
-
-    out = config.output
-    manifest_path = join(out, "manifest.json")
-    t0 = time.monotonic()
-    for d in (data_dir(out), rejects_dir(out)):
-        clean_temporaries(d)
-    tokenizer = AutoTokenizer.from_pretrained(config.teacher)
-    prepared = prepare(config, task, tokenizer, sampling)
-
-    attempts = {}
-    init_ray()
-    engine = engine_facts(config.engine)
-    log.info("teacher engine: %s, dtype %s (setting %s; CPU kind %s)", engine["device"], engine["dtype"],
-             engine["dtype_setting"], engine["cpu_kind"])
-    if prepared["queries"]:
-        for attempt in range(config.retries + 1):
-            clean_temporaries(attempt_dir(out, attempt + 1))
-            counts = run_attempt(config, task, sampling, attempt)
-            if counts:
-                attempts[str(attempt)] = dict(counts)
-    manifest = {
-        **account(config, prepared),
-        "complete": True,
-        "task": task.name, "task_spec": task.model_dump(), "teacher": config.teacher,
-        "input": config.input, "output": out,
-        "prompt_tokens_per_query": prepared["prompt_tokens"],
-        "sampling": {k: v for k, v in sampling.items() if k != "structured_outputs"},
-        "constrained": "structured_outputs" in sampling,
-        "samples": config.samples, "retries": config.retries, "engine": engine,
-        "timings": {"prepare_s": round(prepared["seconds"], 3), "total_s_this_run": round(time.monotonic() - t0, 3),
-                    # Every attempt (a preempted run and its rerun) counts towards generation's cost.
-                    "total_s_all_attempts": round(clock.total_s(), 3),
-                    "attempts": attempts},
-        "config": config.model_dump(),
-    }
-    write_json(manifest_path, manifest)
-    log.info("wrote %d examples to %s, %d rejects to %s; manifest %s", manifest["rows_written"], data_dir(out),
-             manifest["rows_rejected"], rejects_dir(out), manifest_path)
-    return manifest
+        # 3. Accounting, and the manifest that proves it
+        manifest = {
+            **account(config, prepared),
+            "complete": True,
+            "task": task.name, "task_spec": task.model_dump(), "teacher": config.teacher,
+            "input": config.input, "output": out,
+            "prompt_tokens_per_query": prepared["prompt_tokens"],
+            "sampling": {k: v for k, v in sampling.items() if k != "structured_outputs"},
+            "constrained": "structured_outputs" in sampling,
+            "samples": config.samples, "retries": config.retries, "engine": engine,
+            "timings": {"prepare_s": round(prepared["seconds"], 3),
+                        "total_s_this_run": round(time.monotonic() - t0, 3),
+                        # Every attempt (a preempted run and its rerun) counts towards generation's cost.
+                        "total_s_all_attempts": round(clock.total_s(), 3),
+                        "attempts": attempts},
+            "config": config.model_dump(),
+        }
+        write_json(manifest_path, manifest)
+        log.info("wrote %d examples to %s, %d rejects to %s; manifest %s", manifest["rows_written"], data_dir(out),
+                 manifest["rows_rejected"], rejects_dir(out), manifest_path)
+        return manifest
 
 
 def add_cli(subparsers) -> None:

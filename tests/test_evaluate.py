@@ -157,7 +157,8 @@ def test_scored_tokens_are_the_answer_through_its_end_of_turn(tiny_model, genera
 
 def test_heldout_rows_come_from_the_training_split_or_all_of_data(generated, trained, tiny_model):
     from distill.config import ConfigError
-    from pipelines.evaluate import EvalConfig, resolve_inputs
+    from distill.eval_inputs import resolve_inputs
+    from pipelines.evaluate import EvalConfig
 
     inputs = resolve_inputs(EvalConfig(train=trained))
     assert {r["id"] for r in inputs.rows} == _split_ids(trained, "test")

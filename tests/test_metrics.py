@@ -208,7 +208,8 @@ def _result(text, prompt_tokens, output_tokens, latency, logprobs=None):
 
 
 def _results(rows, outputs, samples, scores, tokens):
-    """Engine results keyed like pipelines.evaluate's requests: "<id>|answer", "|sample", "|a", "|b", "|c"."""
+    """Engine results keyed like the requests of distill.eval_inputs.plan_requests: "<id>|answer", "|sample",
+    "|a", "|b", "|c"."""
     results = {run: {} for run in outputs}
     for i, r in enumerate(rows):
         for run in outputs:
@@ -231,7 +232,9 @@ def test_build_and_write_report_by_hand(tmp_path, tokenizer):
     from distill.evaluation import shared_prefix_tokens
     from distill.report import REPORT_KEYS, headline_lines, write_report
     from distill.tasks import load_task
-    from pipelines.evaluate import EvalConfig, Inputs, build_report
+    from distill.eval_inputs import Inputs
+    from distill.eval_report import build_report
+    from pipelines.evaluate import EvalConfig
 
     task = load_task("language-id")
     rows = [{"id": "q1", "text": "Hello there", "answer": "Final Answer: en", "gold": "en"},
@@ -331,7 +334,9 @@ def test_build_and_write_report_by_hand(tmp_path, tokenizer):
 def test_free_text_report_has_similarity_and_no_label_sections(tmp_path, tokenizer):
     from distill.report import REPORT_KEYS, write_report
     from distill.tasks import load_task
-    from pipelines.evaluate import EvalConfig, Inputs, build_report
+    from distill.eval_inputs import Inputs
+    from distill.eval_report import build_report
+    from pipelines.evaluate import EvalConfig
 
     task = load_task("persona")
     rows = [{"id": "q1", "text": "How is your hearing?", "answer": "It fails me, Himmel!", "gold": None},

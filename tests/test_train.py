@@ -16,9 +16,10 @@ import torch
 from distill.config import ConfigError
 from distill.formats import DATA_SCHEMA
 from distill.storage import resolve
+from distill.train_data import prepare, soft_label_choice
 from distill.training import (IGNORE, StepPlan, TrainDataError, collate, lr_factor, packed_attention, padding_waste,
                               rank_steps, read_examples, shard_evenly, split_of, token_losses, tokenize_example)
-from pipelines.train import TrainConfig, prepare, soft_label_choice
+from pipelines.train import TrainConfig
 
 TEXTS = ["Bonjour tout le monde, ceci est un texte.", "Hello", "Alle Menschen sind frei und gleich an Würde.",
          "Todos los seres humanos nacen libres e iguales en dignidad y derechos, dotados como están de razón.",
@@ -339,7 +340,7 @@ def test_soft_labels_that_align_with_no_example_are_an_error(tmp_path, tiny_mode
 def test_soft_labels_align_for_a_thinking_teachers_answer(tokenizer):
     """A thinking teacher's answer tokens come after `</think>` and the whitespace it writes before its answer;
     generation drops both, and training still lines the teacher's top-k up with the student's answer tokens."""
-    from pipelines.generate import answer_start
+    from distill.generation import answer_start
 
     answer = "Final Answer: fr"
     reasoning = tokenizer("<think>The text has é and à.</think>", add_special_tokens=False)["input_ids"]

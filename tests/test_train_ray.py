@@ -21,7 +21,8 @@ from distill.models import default_model_dir
 from distill.storage import read_columns
 from distill.training import collate, token_losses, tokenize_rows
 from distill.checkpoints import read_metrics
-from pipelines.train import LoraOptions, TrainConfig, main, read_data
+from distill.train_data import read_data
+from pipelines.train import LoraOptions, TrainConfig, main
 
 
 @pytest.fixture(scope="module")

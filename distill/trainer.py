@@ -1,0 +1,286 @@
+"""The student's Ray Train run: the loop every worker runs (`train_loop`: FSDP2-sharded LoRA student, packed
+micro-batches, validation, checkpoint selection, early stopping), the `TorchTrainer` that launches it (`fit`), the
+chosen checkpoint's adapter copied out (`export`), and the stage's summary (`train_summary`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import pyarrow.fs as pafs
+
+from distill.checkpoints import MetricsLog, attempts_wall_s, load_checkpoint, save_checkpoint
+from distill.storage import join, resolve, staged_dir
+
+if TYPE_CHECKING:  # the recipe's config; distill never imports a pipeline at run time
+    from pipelines.train import TrainConfig
+
+log = logging.getLogger("distill.train")  # the stage's name on its log lines, wherever the code lives
+
+
+def chaos(config: TrainConfig, fs, out: str, step: int, rank: int, world: int) -> None:
+    """Testing only (`fail_at_step`): the last worker dies abruptly at the start of that step, once (a marker in
+    OUT/_chaos, on the output's filesystem `fs`, says it happened)."""
+    if config.fail_at_step != step or rank != world - 1:
+        return
+    marker = f"{out}/_chaos/failed_at_step_{step}"
+    if fs.get_file_info(marker).type != pafs.FileType.NotFound:
+        return
+    fs.create_dir(f"{out}/_chaos", recursive=True)
+    with fs.open_output_stream(marker) as f:
+        f.write(b"this worker exited on purpose (fail_at_step)\n")
+    log.warning("fail_at_step=%d: worker %d exits now (chaos test)", step, rank)
+    os._exit(1)
+
+
+def train_loop(args: dict) -> None:
+    """What every Ray Train worker runs (TorchTrainer's train_loop_per_worker; `fit` builds `args`): build the
+    sharded student, resume or start, then train the planned steps from this rank's shard."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    from transformers import AutoTokenizer
+
+    from distill.checkpoints import load_adapter_weights
+    from distill.modeling import build_sharded_student
+    from distill.tasks import TaskSpec
+    from distill.training import (collate, greedy_agreement, lr_factor, packed_attention, rank_steps, read_examples,
+                                  shard_evenly, token_losses)
+
+    config: TrainConfig = args["config"]  # the driver's config, pickled (its class lives in pipelines.train)
+    prep = args["prepared"]
+    fs, out = args["output"]  # OUT's filesystem and path, resolved on the driver
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(config.cpus_per_worker)))  # the cores Ray reserved for this worker
+    precision, use_gpu = args["precision"], args["use_gpu"]
+    # bf16: base stored in bf16 and every parameter cast to bf16 for compute, gradients reduced in fp32.
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
+        else MixedPrecisionPolicy()
+    model, _ = build_sharded_student(
+        config.student, config.lora.target_modules, config.lora.rank, config.lora.alpha, config.lora.dropout,
+        config.seed, torch.float32 if precision == "fp32" else torch.bfloat16, device,
+        packed_attention() if config.packing else "sdpa",
+        config.gradient_checkpointing if config.gradient_checkpointing is not None else use_gpu, policy)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
+    total = prep["steps"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, config.warmup_fraction, config.min_lr_ratio))
+
+    state = {"step": 0, "elapsed_s": 0.0, "best_score": None, "since_best": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as path:
+            state = {**state, **load_checkpoint(path, model, optimizer, scheduler)}
+        log.info("worker %d resumes after step %d", rank, state["step"])
+    elif config.init_adapter:
+        load_adapter_weights(model, config.init_adapter)
+    metrics_log = MetricsLog(fs, f"{out}/metrics.jsonl", rank == 0, state["step"])
+    val = read_examples(fs, prep["validation"])
+    task = TaskSpec.model_validate(args["task"]) if args["task"] else None
+    tokenizer = AutoTokenizer.from_pretrained(config.student)
+    pad_id = args["pad_id"]
+
+    def all_sum(*values: float) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    filler = val[0] if val else None
+
+    def micro_batch(examples: list) -> tuple[dict, float]:
+        # A rank with nothing in this slot still runs a forward/backward (FSDP's gathers are collective) on one
+        # example whose loss counts zero.
+        return (collate(examples, config.packing, pad_id), 1.0) if examples \
+            else (collate([filler], config.packing, pad_id), 0.0)
+
+    def validate() -> dict:
+        if not val:
+            return {"val_loss": None}
+        model.eval()
+        loss_sum = n = 0.0
+        with torch.no_grad():
+            for indices in shard_evenly(len(val), config.per_device_batch_size, world)[rank]:
+                batch, weight = micro_batch([val[j] for j in indices])
+                s, k = token_losses(model, batch)
+                loss_sum, n = loss_sum + weight * float(s), n + weight * k
+        result = {}
+        if args["select_by"] == "agreement":
+            agree, judged = greedy_agreement(model, tokenizer, task, val, prep["validation_answers"], rank, world,
+                                             config.per_device_batch_size * 4)
+            agree, judged = all_sum(agree, judged)
+            result["val_agreement"] = agree / judged if judged else None
+        model.train()
+        loss_sum, n = all_sum(loss_sum, n)
+        return {"val_loss": loss_sum / n, **result}
+
+    def score(row: dict) -> float:
+        """Lower is better: 1 - agreement (validation loss breaking ties), or the loss."""
+        if row.get("val_agreement") is not None:
+            return 1.0 - row["val_agreement"] + 1e-6 * row["val_loss"]
+        return row["val_loss"] if row.get("val_loss") is not None else row["loss"]
+
+    stream = rank_steps(fs, prep["shards"][rank], state["step"], config.gradient_accumulation)
+    pending = next(stream, None)
+    examples_seen = sum(prep["step_examples"][:state["step"]])
+    t_start = time.monotonic() - state["elapsed_s"]
+    model.train()
+    for step in range(state["step"], total):
+        chaos(config, fs, out, step + 1, rank, world)
+        torch.manual_seed(config.seed * 1_000_003 + step * 1_009 + rank)  # dropout: same on every (re)run
+        t0 = time.monotonic()
+        if pending is not None and pending[0] == step:
+            micros, pending = pending[1], next(stream, None)
+        else:  # the plan gave this rank nothing at this step
+            micros = [[] for _ in range(config.gradient_accumulation)]
+        # Every target token of the step weighs the same, whichever rank and micro-batch it is in: divide the
+        # summed token losses by the step's target count (x world size, since FSDP averages gradients).
+        n_targets = prep["step_targets"][step]
+        loss_sum = 0.0
+        for i, examples in enumerate(micros):
+            model.set_requires_gradient_sync(i == len(micros) - 1)  # reduce gradients once per step
+            batch, weight = micro_batch(examples)
+            s, _ = token_losses(model, batch, prep["soft_weight"], prep.get("objective", "forward"))
+            (s * (weight * world / n_targets)).backward()
+            loss_sum += weight * float(s.detach())
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        (loss_sum,) = all_sum(loss_sum)
+        step_s = time.monotonic() - t0
+        examples_seen += prep["step_examples"][step]
+
+        done = step + 1
+        row = {"step": done, "epoch": round(done / prep["steps_per_epoch"], 4), "examples": examples_seen,
+               "loss": loss_sum / n_targets, "lr": lr, "tokens": prep["step_tokens"][step], "step_s": round(step_s, 4),
+               "tokens_per_s": prep["step_tokens"][step] / step_s, "elapsed_s": round(time.monotonic() - t_start, 3)}
+        last = done == total
+        save = done % config.checkpoint_every == 0 or last
+        stop = False
+        if save or done % config.eval_every == 0:
+            row.update(validate())
+            row["score"] = score(row)
+            if state["best_score"] is None or row["score"] < state["best_score"]:
+                state["best_score"], state["since_best"] = row["score"], 0
+                save = True  # the best so far is always kept: export may pick it
+            else:
+                state["since_best"] += 1
+            stop = bool(config.early_stopping_patience) and state["since_best"] >= config.early_stopping_patience
+            if stop and not last:
+                row["early_stop"] = True
+                save = True
+        if done % config.log_every == 0 or "score" in row:
+            metrics_log.write(row)
+        if "score" in row:
+            metrics_log.flush()
+            # Ray Train gets the validation steps (a report is a barrier across workers: not every step).
+            path = save_checkpoint(model, optimizer, scheduler, {
+                "step": done, "elapsed_s": row["elapsed_s"], "best_score": state["best_score"],
+                "since_best": state["since_best"]}, rank) if save else None
+            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(path) if path else None,
+                             checkpoint_dir_name=f"step_{done:06d}" if save else None)
+            if path:
+                shutil.rmtree(path, ignore_errors=True)  # Ray copied it to storage and does not delete it
+        if stop:
+            log.info("early stop after step %d: no better score in %d validations", done, state["since_best"])
+            break
+
+
+def fit(config: TrainConfig, prepared: dict, task, select_by: str, use_gpu: bool, precision: str, pad_id: int):
+    """One Ray Train run of `train_loop` over prepared shards, into config.output/checkpoints (resumed if an
+    earlier attempt left one there)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    fs, out_path = resolve(config.output)
+    trainer = TorchTrainer(
+        train_loop,
+        # The workers get OUT as the filesystem object the driver resolved (endpoint, region and all), so they
+        # read their shards and rank 0 writes metrics from whichever node they land on.
+        train_loop_config={"config": config, "prepared": prepared, "use_gpu": use_gpu,
+                           "precision": precision, "pad_id": pad_id, "output": (fs, out_path),
+                           "task": task.model_dump() if task else None, "select_by": select_by},
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=RunConfig(
+            name="checkpoints", storage_path=out_path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints,
+                                               checkpoint_score_attribute="score", checkpoint_score_order="min"),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result
+
+
+def export(config: TrainConfig, result) -> dict[str, Any]:
+    """Copy the chosen checkpoint's adapter to OUT/adapter (whole, see `staged_dir`); optionally merge it into the
+    base on a worker node (OUT/merged). The checkpoint is read locally (Ray downloads it from an object store)."""
+    from distill.modeling import merge_adapter_on_cluster
+
+    scored = [(m["score"], m["step"], m, c) for c, m in (result.best_checkpoints or [])]
+    if not scored:
+        raise RuntimeError("training finished without a checkpoint")
+    _, best_step, best, best_checkpoint = min(scored, key=lambda t: (t[0], t[1]))
+    chosen = best_checkpoint if config.export == "best" else result.checkpoint
+    with chosen.as_directory() as path:
+        chosen_step = json.loads(Path(path, "trainer_state.json").read_text())["step"]
+        with staged_dir(join(config.output, "adapter")) as staging:
+            shutil.copytree(os.path.join(path, "adapter"), staging, dirs_exist_ok=True)
+    if config.merge:
+        merge_adapter_on_cluster(config.student, join(config.output, "adapter"), join(config.output, "merged"))
+    return {"best_val_loss": best.get("val_loss"), "best_val_agreement": best.get("val_agreement"),
+            "best_step": best_step, "adapter_step": chosen_step}
+
+
+def train_summary(config: TrainConfig, prepared: dict, exported: dict, rounds: Optional[list[dict]],
+                  metrics: list[dict], select_by: str, use_gpu: bool, precision: str, flags,
+                  wall_this_run: float) -> dict[str, Any]:
+    """OUT/train_summary.json: what was trained on what, how it went, and what it cost. `rounds` is None for sft,
+    the on-policy rounds otherwise; `metrics` is OUT/metrics.jsonl; `flags` the cluster's CPU flags."""
+    from distill.hardware import describe
+
+    out = config.output
+    vals = [m for m in metrics if m.get("val_loss") is not None]
+    tokens, seconds = sum(m["tokens"] for m in metrics), sum(m["step_s"] for m in metrics)
+    return {
+        "complete": True, "method": config.method, "rounds": rounds,
+        "steps": metrics[-1]["step"], "planned_steps": prepared["steps"] if rounds is None else
+        sum(r["planned_steps"] for r in rounds),
+        "stopped_early": bool(metrics[-1].get("early_stop")),
+        "final_loss": metrics[-1]["loss"],
+        "final_val_loss": vals[-1]["val_loss"] if vals else None,
+        "final_val_agreement": vals[-1].get("val_agreement") if vals else None,
+        "select_by": select_by,
+        **exported,
+        "tokens_per_s": tokens / seconds if seconds else None,
+        # Every attempt counts (a crash and its rerun both cost): training's cost is the sum.
+        "wall_s": attempts_wall_s(out)["wall_s"], "attempts": attempts_wall_s(out)["attempts"],
+        "wall_s_this_run": wall_this_run,
+        "split": prepared["split"], "examples": prepared["examples"], "skipped": prepared["skipped"],
+        "soft_labels": prepared["soft_labels"] if rounds is None else "on-policy: reverse KL to the teacher's top-k",
+        "soft_label_weight": prepared["soft_weight"], "soft_examples": prepared["soft_examples"],
+        "padding_waste": prepared["padding_waste"], "padding_waste_unpacked": prepared["padding_waste_unpacked"],
+        "data": config.data, "extra_data": config.extra_data, "held_out_from": config.held_out_from,
+        "student": config.student, "task": prepared["task"], "teacher": prepared["teacher"],
+        "workers": config.workers, "device": "gpu" if use_gpu else "cpu", "precision": precision,
+        "cpu": describe(flags),
+        "adapter": join(out, "adapter"), "merged": join(out, "merged") if config.merge else None,
+        "config": config.model_dump(),
+    }
