@@ -65,7 +65,7 @@ def sampled_logprobs(output) -> tuple[list[float], list[str]]:
 def answer_confidence(task: TaskSpec, lps: list[float], texts: list[str]) -> Optional[float]:
     """The confidence of an answer from its tokens' logprobs, reasoning excluded (see the module docstring)."""
     if THINK_CLOSE in "".join(texts):
-        from pipelines.generate import answer_start  # the tokens after </think>, as generation aligns them
+        from distill.generation import answer_start  # the tokens after </think>, as generation aligns them
 
         start = answer_start(texts)
         lps = lps[start:]

@@ -25,7 +25,9 @@ ENGINE_SCRIPT = textwrap.dedent("""
 
         model, cases_path = sys.argv[1], sys.argv[2]
         cases = json.load(open(cases_path))
-        engine = EngineConfig(max_model_len=4096, kv_cache_memory_bytes=128 * 1024**2)
+        # float32 like the reference below: the check is that forcing scores the given tokens exactly, and a
+        # bf16 engine (dtype auto on a CPU with bf16 instructions) differs from fp32 by more than the tolerance.
+        engine = EngineConfig(max_model_len=4096, kv_cache_memory_bytes=128 * 1024**2, dtype="float32")
         llm = LLM(model=model, seed=0, **engine_kwargs(engine, "cpu", **ENGINE_ARGS))
         prompts = [{"prompt_token_ids": c["prompt"]} for c in cases]
         params = [SamplingParams(**scoring_sampling(c["answer"], top_k=5)) for c in cases]
