@@ -253,8 +253,14 @@ def run_requests(name: str, requests: list[dict], model: str, config: EngineConf
         postprocess_map_kwargs={"num_cpus": config.side_stage_cpus},
     )
     t0 = time.monotonic()
-    ds = ray.data.from_items([{"key": r["key"], "messages": r["messages"],
-                               "sampling_params": complete(r["sampling_params"])} for r in requests])
+    # One Arrow table, so every block has one schema: from_items infers each (tiny) block's types on its own, and
+    # a block of answer requests only (extra_args null) next to one of scoring requests (extra_args a struct)
+    # failed to concatenate inside ray.data.llm's chat-template stage.
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist([{"key": r["key"], "messages": r["messages"],
+                                   "sampling_params": complete(r["sampling_params"])} for r in requests])
+    ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=config.batch_size)
     results = {out["key"]: out for out in processor(ds).iter_rows()}
     wall = time.monotonic() - t0
     missing = {r["key"] for r in requests} - set(results)

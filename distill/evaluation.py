@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from distill import metrics as M
 from distill.agreement import agreement_rate, compare, mean_similarity
+from distill.report import fmt
 from distill.tasks import TaskSpec
 
 RUNS = ("teacher", "student", "base")  # report order: the teacher, the distilled student, the baseline
@@ -146,16 +147,12 @@ def verdict(task: TaskSpec, fidelity: dict[str, Any], gap_closed: Optional[float
         relative = value / ceiling_value if value is not None and ceiling_value else None
         ready = bool(relative is not None and relative >= threshold and (gap_closed or 0) > 0)
         text = (f"{'Ready to ship' if ready else 'Not ready to ship'}: the student's answers reach a ROUGE-L of "
-                f"{_fmt(value, '.3f')} against the teacher's; the teacher against a second sample of itself: "
-                f"{_fmt(ceiling_value, '.3f')} (the ceiling), so the student is at {_fmt(relative, '.0%')} of it "
-                f"(threshold {threshold:.0%}); the base student scores {_fmt(floor['rate'], '.3f')}.")
+                f"{fmt(value, '.3f')} against the teacher's; the teacher against a second sample of itself: "
+                f"{fmt(ceiling_value, '.3f')} (the ceiling), so the student is at {fmt(relative, '.0%')} of it "
+                f"(threshold {threshold:.0%}); the base student scores {fmt(floor['rate'], '.3f')}.")
         if not ready:
             reasons.append("similarity below the threshold share of the teacher's own consistency")
     return {"ready": ready, "text": text, "reasons": reasons, "relative_to_ceiling": relative}
-
-
-def _fmt(value: Optional[float], spec: str) -> str:
-    return "n/a" if value is None else f"{value:{spec}}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,7 +229,7 @@ def selective_section(target: float, held: dict[str, list], selection: Optional[
         ci = at["agreement_ci95"]
         section["text"] = (
             f"At confidence ≥ {threshold:.3g} (chosen on {selection_source} for {target:.0%} agreement) the student "
-            f"keeps {_fmt(at['coverage'], '.1%')} of {at['judged']} held-out queries and agrees with the teacher on "
-            f"{_fmt(at['agreement'], '.1%')} of those"
+            f"keeps {fmt(at['coverage'], '.1%')} of {at['judged']} held-out queries and agrees with the teacher on "
+            f"{fmt(at['agreement'], '.1%')} of those"
             + (f" (95 % CI {ci[0]:.1%}–{ci[1]:.1%})" if ci else "") + "; the rest go to the teacher.")
     return section

@@ -102,15 +102,17 @@ def plan_lines(config: RunConfig) -> list[str]:
             f"the first {g.limit} rows" if g.limit else "every row")
     facts = engine_facts(g.engine)
     precision = training_precision(t.precision, facts["device"] == "gpu", cluster_cpu_flags())
-    steps = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs} epoch(s)"
+    steps = f"{t.epochs} epoch(s)" + (f", at most {t.max_steps} steps" if t.max_steps else "")
     lines = [f"generate: {rows} of {config.input}, {g.samples} teacher sample(s) each",
              f"train ({t.method}): {steps} of {t.per_device_batch_size * t.gradient_accumulation * t.workers} "
-             f"examples, {t.workers} worker(s); held out: {t.test_fraction:.0%} test, {t.validation_fraction:.0%} "
-             f"validation",
+             f"examples per step, {t.workers} worker(s); held out: {t.test_fraction:.0%} test, "
+             f"{t.validation_fraction:.0%} validation",
              f"eval: {'the first ' + str(e.limit) if e.limit else 'all'} test rows; selective threshold on the "
              f"{e.selection_split} rows",
-             f"engines {facts['dtype']} on {facts['device']}, training {precision} (CPU kind {facts['cpu_kind']}, "
-             f"{facts['driver_cpu']}, {os.cpu_count()} cores)"]
+             f"engines {facts['dtype']} on {facts['device']}, training {precision} (CPU kind {facts['cpu_kind']}"
+             + (f" as capped by ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}"
+                if os.environ.get("ONEDNN_MAX_CPU_ISA") else "")
+             + f", {facts['driver_cpu']}, {os.cpu_count()} cores)"]
     return lines + ([f"why this size: {config.sizing}"] if config.sizing else [])
 
 
@@ -120,7 +122,6 @@ def main(config: RunConfig) -> dict[str, Any]:
 
     init_ray()
     for line in plan_lines(config):
-        log.info("plan: %s", line)
         print(f"plan: {line}", flush=True)
     record_path = join(config.output, "run.json")
     record = read_json(record_path) or {"stages": {}}

@@ -27,6 +27,7 @@ from typing import AsyncIterator, Optional
 
 from distill.engine import adapter_rank, vllm_max_lora_rank
 from distill.evaluation import confidence
+from distill.sampling import guided_choice
 from distill.storage import local_dir
 from distill.tasks import THINK_CLOSE, THINK_OPEN, TaskSpec, load_task, split_reasoning
 from serve.config import StudentArmConfig, TeacherArmConfig
@@ -113,13 +114,8 @@ class LLMArm:
         self.choices: Optional[list[str]] = None
         if guided and self.task.answer.type == "labels":
             self.choices = self.config.guided_choices or self.task.canonical_answers()
-        # A guided answer cut off mid-label is useless: never let max_tokens go below the longest allowed answer.
-        # Counted in bytes, not in the tokenizer's own tokens: under the grammar a model may spell an answer with
-        # many short tokens (a weak model does), and the grammar ends generation when the answer is complete, so
-        # the generous bound costs nothing.
-        self.min_tokens_for_choice = 0
-        if self.choices:
-            self.min_tokens_for_choice = 1 + max(len(c.encode("utf-8")) for c in self.choices)
+        # A guided answer cut off mid-label is useless: max_tokens never goes below the choice budget
+        # (distill.sampling.guided_choice, TaskSpec.choice_budget), as in generation and evaluation.
         self.default_max_tokens = self.config.max_tokens or self.task.teacher.max_tokens
         self.default_temperature = (self.config.temperature if self.config.temperature is not None
                                     else self.task.teacher.temperature)
@@ -174,8 +170,9 @@ class LLMArm:
                                                          **template_kwargs)
         prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         choices = self.guided_choices_for(lora.lora_name if lora else None)
-        max_tokens = max(req.get("max_tokens") or self.default_max_tokens,
-                         self.min_tokens_for_choice if choices else 0)
+        max_tokens = req.get("max_tokens") or self.default_max_tokens
+        if choices:  # the one definition of constrained decoding and its token budget (distill.sampling)
+            max_tokens = guided_choice(choices, max_tokens)["max_tokens"]
         if len(prompt_ids) + max_tokens > self.max_model_len:
             added = " (the task prompt included)" if self.role == TEACHER_ROLE else ""
             return {"error": {"status": 400, "message": (
