@@ -166,16 +166,16 @@ def build_generation_pipeline(ds, config: GenerateConfig, task: TaskSpec, sampli
 def _topk(logprobs, tokens, k: int) -> Optional[dict]:
     """vLLM's per-token {token_id: {logprob, rank, decoded_token}} -> sorted top-k ids and logprobs per token,
     plus each sampled token's text (to find where the answer starts after any reasoning). vLLM adds the sampled
-    token to the k best when it ranks lower; it is dropped here so every position has exactly the top k."""
+    token to the k best when it ranks lower; distill.scoring.top_k_of keeps the k best."""
     if not logprobs:
         return None
+    from distill.scoring import top_k_of
+
     ids, lps, texts = [], [], []
     for position, token in zip(logprobs, tokens):
-        ranked = sorted(((int(t), info) for t, info in position.items() if info is not None),
-                        key=lambda item: item[1]["rank"] if item[1].get("rank") is not None else 1 << 30)
-        top = [(t, info) for t, info in ranked if info.get("rank") is not None and info["rank"] <= k]
+        top = top_k_of(position, k)
         ids.append([t for t, _ in top])
-        lps.append([float(info["logprob"]) for _, info in top])
+        lps.append([lp for _, lp in top])
         chosen = position.get(int(token)) or position.get(str(int(token))) or {}
         texts.append(chosen.get("decoded_token") or "")
     return {"ids": ids, "logprobs": lps, "texts": texts}

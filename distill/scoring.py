@@ -81,11 +81,19 @@ def read_scores(logprobs: Optional[list], tokens: list[int], top_k: int = 0) -> 
         if int(token) not in entries:
             raise RuntimeError(f"forced token {token} has no logprob at its step; got {sorted(entries)[:5]}")
         token_lps.append(entries[int(token)][0])
-        ranked = sorted(((t, lp, rank) for t, (lp, rank) in entries.items() if rank is not None and rank <= top_k),
-                        key=lambda item: item[2])
-        topk_ids.append([t for t, _, _ in ranked])
-        topk_lps.append([lp for _, lp, _ in ranked])
+        top = top_k_of(step, top_k)
+        topk_ids.append([t for t, _ in top])
+        topk_lps.append([lp for _, lp in top])
     return {"token_logprobs": token_lps, "topk_ids": topk_ids, "topk_logprobs": topk_lps}
+
+
+def top_k_of(step: dict, k: int) -> list[tuple[int, float]]:
+    """The k best (token id, logprob) of one step's logprobs, best first. vLLM adds the sampled (or forced)
+    token when it ranks below k, and tokens of equal logprob (under a grammar mask, say) can share a rank, so
+    the entries are filtered by rank, ordered by logprob and cut at k."""
+    entries = [(int(t), *_value(v)) for t, v in step.items() if v is not None]
+    ranked = sorted(((t, lp) for t, lp, rank in entries if rank is not None and rank <= k), key=lambda e: -e[1])
+    return ranked[:k]
 
 
 def _value(entry) -> tuple[float, Optional[int]]:

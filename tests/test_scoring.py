@@ -87,3 +87,13 @@ def test_missing_or_unforced_logprobs_are_errors():
     scores = read_scores([{5: {"logprob": -2.0, "rank": 3}, 7: {"logprob": -0.1, "rank": 1},
                            9: {"logprob": -1.0, "rank": 2}}], [5], top_k=2)
     assert scores == {"token_logprobs": [-2.0], "topk_ids": [[7, 9]], "topk_logprobs": [[-0.1, -1.0]]}
+
+
+def test_top_k_drops_the_sampled_token_below_k_and_shared_ranks_beyond_k():
+    from distill.scoring import top_k_of
+
+    # vLLM's per-step entries: the top 3, plus the sampled token ranked 7, plus a token sharing rank 3 (a tie).
+    step = {"11": {"logprob": -0.1, "rank": 1}, "12": {"logprob": -2.0, "rank": 2},
+            "13": {"logprob": -9.0, "rank": 3}, "14": {"logprob": -9.5, "rank": 3}, "99": {"logprob": -12.0, "rank": 7}}
+    assert top_k_of(step, 3) == [(11, -0.1), (12, -2.0), (13, -9.0)]
+    assert top_k_of(step, 0) == []
