@@ -49,9 +49,11 @@ def student_sampling(task: TaskSpec, max_tokens: int, constrained: bool = False,
 
 # Every field a request may set, with vLLM's own defaults: rows of one Ray Data pass carry the same keys, so that
 # generation and scoring requests sit in one Arrow table (a missing field would become null, which vLLM rejects).
+# extra_args is never null: its one key (distill.scoring's forced tokens) is "" where nothing is forced, so blocks
+# of unforced rows have the type blocks of forced ones have.
 DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 16, "min_tokens": 0, "ignore_eos": False,
-                            "logprobs": None, "skip_special_tokens": True, "extra_args": None,
-                            "structured_outputs": None}
+                            "logprobs": None, "skip_special_tokens": True,
+                            "extra_args": {"distill_forced_tokens": ""}, "structured_outputs": None}
 
 
 def complete(params: dict[str, Any]) -> dict[str, Any]:

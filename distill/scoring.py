@@ -35,7 +35,7 @@ def _processor_class():
             forced = (params.extra_args or {}).get(FORCED_TOKENS)
             if not forced:
                 return None
-            forced = [int(t) for t in forced]
+            forced = [int(t) for t in (forced.split(",") if isinstance(forced, str) else forced)]
 
             def force(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
                 i = len(output_ids)
@@ -64,8 +64,12 @@ def scoring_sampling(tokens: list[int], top_k: int = 0) -> dict[str, Any]:
     len(tokens) steps, each forced, with the forced token's logprob and the top_k others at every step."""
     if not tokens:
         raise ValueError("nothing to score: empty token list")
+    # The tokens as one comma-separated string: a Ray Data pass mixes these rows with unforced ones, whose
+    # extra_args carry "" (distill.sampling.DEFAULTS), so every block has the same string-typed field (a list here
+    # and None there made blocks of unforced rows only fail to concatenate inside ray.data.llm).
     return {"temperature": 0.0, "max_tokens": len(tokens), "min_tokens": len(tokens), "ignore_eos": True,
-            "logprobs": top_k, "skip_special_tokens": False, "extra_args": {FORCED_TOKENS: [int(t) for t in tokens]}}
+            "logprobs": top_k, "skip_special_tokens": False,
+            "extra_args": {FORCED_TOKENS: ",".join(str(int(t)) for t in tokens)}}
 
 
 def read_scores(logprobs: Optional[list], tokens: list[int], top_k: int = 0) -> dict[str, Any]:

@@ -97,3 +97,13 @@ def test_top_k_drops_the_sampled_token_below_k_and_shared_ranks_beyond_k():
             "13": {"logprob": -9.0, "rank": 3}, "14": {"logprob": -9.5, "rank": 3}, "99": {"logprob": -12.0, "rank": 7}}
     assert top_k_of(step, 3) == [(11, -0.1), (12, -2.0), (13, -9.0)]
     assert top_k_of(step, 0) == []
+
+
+def test_unforced_requests_carry_the_forced_field_empty_so_mixed_passes_share_one_schema():
+    from distill.sampling import DEFAULTS, complete
+    from distill.scoring import FORCED_TOKENS
+
+    forced = complete(scoring_sampling([5, 6, 7]))
+    plain = complete({"temperature": 0.0, "max_tokens": 4})
+    assert forced["extra_args"] == {FORCED_TOKENS: "5,6,7"} and plain["extra_args"] == {FORCED_TOKENS: ""}
+    assert DEFAULTS["extra_args"] == {FORCED_TOKENS: ""}
