@@ -74,7 +74,7 @@ model, _ = build_sharded_student(sys.argv[1], "all-linear", 32, 32, 0.0, 0, torc
 with torch.no_grad():
     model(input_ids=torch.arange(64).unsqueeze(0))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-local = sum(p.to_local().numel() for p in model.parameters())
+local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in model.parameters())
 print("BENCH_RANK " + json.dumps({"rank": dist.get_rank(), "before_gib": before, "peak_gib": peak,
                                   "local_params": local}), flush=True)
 dist.destroy_process_group()
