@@ -43,6 +43,7 @@ from distill.agreement import Comparison, agreement_rate, compare, mean_similari
 from distill.config import ConfigError, StrictModel
 from distill.cost import CostConfig
 from distill.metrics import percentile
+from distill.selective import keeps
 from distill.tasks import TaskSpec
 from serve.selective import (CASCADE, DEFER_REASONS, DRIFT_SIGNALS, MODES, Cascade,
                              CascadeConfig, Drift, DriftConfig, Savings, check_threshold)
@@ -372,7 +373,7 @@ class Rollout:
             return False, "no_label"
         if student.get("confidence") is None:
             return False, "no_confidence"
-        if student["confidence"] < self.threshold:
+        if not keeps(student["confidence"], self.threshold):  # the report's rule (distill.selective)
             return False, "low_confidence"
         return True, "confident"
 
