@@ -160,17 +160,17 @@ def selective_report(config: EvalConfig, inputs: Inputs, results: dict, outputs:
     def answers(run: str, rows: list[dict]) -> list[dict]:
         return [results[run][f"{r['id']}|answer"] for r in rows]
 
-    def confidences_and_scores(rows: list[dict], teacher_out: list, student_res: list[dict]) -> dict[str, list]:
+    def confidences_and_scores(teacher_out: list, student_res: list[dict]) -> dict[str, list]:
         student_out = [None if x["error"] else x["generated_text"] for x in student_res]
         return {"confidence": [E.confidence(task, x) for x in student_res],
                 "score": E.agreement_scores(task, teacher_out, student_out)}
 
     held_student = answers("student", inputs.rows)
-    held = confidences_and_scores(inputs.rows, outputs["teacher"], held_student)
+    held = confidences_and_scores(outputs["teacher"], held_student)
     selection = None
     if inputs.selection_rows:
         teacher_sel = [None if x["error"] else x["generated_text"] for x in answers("teacher", inputs.selection_rows)]
-        selection = confidences_and_scores(inputs.selection_rows, teacher_sel, answers("student", inputs.selection_rows))
+        selection = confidences_and_scores(teacher_sel, answers("student", inputs.selection_rows))
     source = (f"the {config.selection_split!r} split of {inputs.train}" if inputs.train and not config.data
               else "no selection split (--data: every row is held out)")
     target = config.target_agreement if config.target_agreement is not None else (
