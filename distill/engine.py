@@ -253,9 +253,9 @@ def run_requests(name: str, requests: list[dict], model: str, config: EngineConf
         postprocess_map_kwargs={"num_cpus": config.side_stage_cpus},
     )
     t0 = time.monotonic()
-    # One Arrow table, so every block has one schema: from_items infers each (tiny) block's types on its own, and
-    # a block of answer requests only (extra_args null) next to one of scoring requests (extra_args a struct)
-    # failed to concatenate inside ray.data.llm's chat-template stage.
+    # One Arrow table, so the input blocks share one schema (from_items infers each tiny block's types on its
+    # own), in blocks of an engine batch. The stages after the row-wise preprocess infer types per block again:
+    # that is why every request carries the same fields with non-null values (distill.sampling.DEFAULTS).
     import pyarrow as pa
 
     table = pa.Table.from_pylist([{"key": r["key"], "messages": r["messages"],
