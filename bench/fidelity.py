@@ -1,7 +1,7 @@
 """Fidelity benchmark: which training method brings the student closest to its teacher, at equal training steps.
 
     python -m bench.run fidelity                    # on the demo's data (generated first if missing)
-    python -m bench.fidelity --data runs/demo/generate --steps 60
+    python -m bench.fidelity --data runs/demo/generate --demo runs/demo   # after `make demo`: reuses its soft SFT
 
 Four methods, each the same number of optimizer steps of the same batch on the same generation output (the
 demo's: SmolLM2 teaching itself language-id), each evaluated by `distill eval` on the same test split:
@@ -28,12 +28,14 @@ from distill.storage import read_json
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo.yaml"
+DEMO_STEPS = 18  # one epoch of the demo's ~140 training rows at 8 per step, what `make demo` trains
 
 
 def methods(train: dict[str, Any], steps: int, engine: dict[str, Any]) -> list[tuple[str, str, list[dict]]]:
     """(key, title, the train configs run one after another; a later one starts from the earlier's adapter)."""
     half = max(1, steps // 2)
-    sft = {**train, "max_steps": steps}
+    # Enough passes that max_steps, not the end of the data, ends every SFT run: equal steps for every method.
+    sft = {**train, "max_steps": steps, "epochs": max(train.get("epochs", 1), 10)}
     on_policy = {"method": "on-policy", "on_policy": {"engine": engine}}
     return [
         ("hard", "hard-label SFT", [{**sft, "soft_label_weight": 0.0}]),
@@ -86,17 +88,21 @@ def demo_result(demo: str, steps: int) -> dict[str, Any] | None:
 
 def main(data: str | None = None, steps: int | None = None, keep: str | None = None,
          demo: str | None = None) -> dict[str, Any]:
-    demo = yaml.safe_load(DEMO.read_text())
-    train = {k: v for k, v in demo["train"].items() if k not in ("merge",)}
-    steps = steps or train.get("max_steps", 60)
-    eval_config = demo.get("eval", {})
+    demo_config = yaml.safe_load(DEMO.read_text())
+    train = {k: v for k, v in demo_config["train"].items() if k not in ("merge",)}
+    demo_summary = read_json(str(Path(demo) / "train" / "train_summary.json")) if demo else None
+    if demo and not demo_summary:
+        raise SystemExit(f"--demo {demo}: no train/train_summary.json there (run `make demo` first)")
+    # The demo trains one epoch (its max_steps only caps longer data): its planned steps are the budget.
+    steps = steps or (demo_summary["planned_steps"] if demo_summary else DEMO_STEPS)
+    eval_config = demo_config.get("eval", {})
     engine = eval_config.get("engine", {})
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(keep or tmp)
         if data is None:
             data = str(work / "generate")
             gen = work / "generate.yaml"
-            gen.write_text(yaml.safe_dump({**demo["generate"], "task": demo["task"]}))
+            gen.write_text(yaml.safe_dump({**demo_config["generate"], "task": demo_config["task"]}))
             run_script(["-m", "distill.cli", "generate", "--output", data, "--config", str(gen)], timeout=3600)
         results = {}
         for key, title, configs in methods(train, steps, engine):

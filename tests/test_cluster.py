@@ -2,7 +2,8 @@
 starts it) and a worker node in its own mount namespace with a private /tmp, both on 127.0.0.1, outputs in a
 local S3 server (moto). Jobs are submitted as users submit them (`ray job submit`, token auth); the driver runs
 on the head, every task and actor on the worker. Anything a stage wrote to one node's disk and read by path on
-another would fail here: the worker cannot see the head's /tmp.
+another would fail here: the worker cannot see the head's /tmp (only the installation, this checkout with its
+environment and the prepared models, is mounted back when it lies under /tmp, as a CI clone does).
 
 Then a spot-style loss: the worker node is killed mid-generation, a new one joins, the job is submitted again and
 finishes with every id exactly once; what was lost is bounded by `flush_seconds`.
@@ -13,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -37,9 +40,35 @@ pytestmark = pytest.mark.skipif(shutil.which("unshare") is None, reason="needs u
 
 def cluster_env(endpoint: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(CREDENTIALS, AWS_ENDPOINT_URL=endpoint, RAY_AUTH_MODE="token", RAY_DASHBOARD_STARTUP_TIMEOUT_S="300")
+    # The cluster's token, given to every node and client as a secret is: nothing read from or left in ~/.ray (a
+    # fresh machine has none there, and a worker started beside a head must not race it to create one).
+    env.update(CREDENTIALS, AWS_ENDPOINT_URL=endpoint, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+               RAY_DASHBOARD_STARTUP_TIMEOUT_S="300")
     env["PATH"] = f"{BIN}:{env.get('PATH', '')}"  # `distill` and `ray` of this environment, for the driver too
     return env
+
+
+def installation_under_tmp() -> list[Path]:
+    """What a worker node needs from this machine's disk that lies under /tmp (a checkout cloned there, as CI
+    does, carries the environment): hidden by the node's private /tmp, it is mounted back. Outermost paths only."""
+    from distill.models import models_home
+
+    needed = {p.resolve() for p in (REPO, Path(sys.prefix), Path(sys.base_prefix), models_home()) if p.exists()}
+    tmp = Path("/tmp").resolve()
+    under = {p for p in needed if tmp in p.parents}
+    return sorted(p for p in under if not any(q in p.parents for q in under))
+
+
+def private_tmp_script() -> str:
+    """Shell lines run inside the node's mount namespace: an empty tmpfs on /tmp, with the installation's paths
+    under /tmp bound back through a holding tmpfs on /mnt (private to the namespace, like everything here)."""
+    keep = installation_under_tmp()
+    lines = ["mount -t tmpfs tmpfs /mnt"] if keep else []
+    lines += [f"mkdir -p /mnt/keep{i} && mount --bind {shlex.quote(str(p))} /mnt/keep{i}" for i, p in enumerate(keep)]
+    lines.append("mount -t tmpfs tmpfs /tmp")
+    lines += [f"mkdir -p {shlex.quote(str(p))} && mount --bind /mnt/keep{i} {shlex.quote(str(p))}"
+              for i, p in enumerate(keep)]
+    return "; ".join(lines)
 
 
 class Cluster:
@@ -66,17 +95,23 @@ class Cluster:
 
     def add_worker(self, cpus: int = 4) -> subprocess.Popen:
         """A worker node whose /tmp is a fresh tmpfs nobody else sees (its own Ray session files, downloads,
-        vLLM's temporaries); the home folder (the prepared models) is shared, like a model store."""
+        vLLM's temporaries); the installation (this environment, the prepared models) is shared, like a machine
+        image and a model store."""
         n = len(self.workers)
-        start = " ".join([str(BIN / "ray"), "start", f"--address=127.0.0.1:{self.port}", "--block",
-                          "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", "--object-store-memory=400000000",
-                          "--disable-usage-stats", *self._ports()])
+        start = " ".join(shlex.quote(a) for a in [
+            str(BIN / "ray"), "start", f"--address=127.0.0.1:{self.port}", "--block", "--node-ip-address=127.0.0.1",
+            f"--num-cpus={cpus}", "--object-store-memory=400000000", "--disable-usage-stats", *self._ports()])
         log = open(self.root / f"worker-{n}.log", "wb")
         proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "bash", "-c",
-                                 f"mount -t tmpfs tmpfs /tmp && exec {start}"],
+                                 f"set -e; {private_tmp_script()}; exec {start}"],
                                 stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self.workers.append(proc)
         return proc
+
+    def worker_logs(self) -> str:
+        return "".join(f"--- worker-{i}.log (exit {proc.poll()}) ---\n"
+                       + (self.root / f"worker-{i}.log").read_text(errors="replace")[-2000:]
+                       for i, proc in enumerate(self.workers))
 
     def ray(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True, check=check)
@@ -92,7 +127,8 @@ class Cluster:
             if found and int(found[-1][0]) == 1 and float(found[-1][1]) >= cpus:
                 return
             assert self.head.poll() is None, (self.root / "head.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, (done.stdout + done.stderr)[-3000:]
+            assert self.workers[-1].poll() is None, self.worker_logs()
+            assert time.monotonic() < deadline, (done.stdout + done.stderr)[-3000:] + self.worker_logs()
             time.sleep(3)
 
     def submit(self, config: Path, submission_id: str) -> None:
