@@ -6,7 +6,7 @@ DISTILL:= $(VENV)/bin/distill
 # Prepared models live here (see distill/models.py); the tests and the demo read the same place.
 export DISTILL_MODELS ?= $(HOME)/.cache/distill/models
 
-.PHONY: setup models demo test test-fast bench clean
+.PHONY: setup models browser demo test test-fast bench clean
 
 setup: $(VENV)/.installed $(DISTILL_MODELS)/SmolLM2-135M-Instruct/config.json $(DISTILL_MODELS)/tiny-chat/config.json \
        $(DISTILL_MODELS)/tiny-moe/config.json
@@ -44,7 +44,13 @@ demo: setup
 bench: setup
 	$(PY) -m bench.run
 
-test: setup
+# Headless Chromium renders the evaluation report in tests/test_evaluate.py: Debian's package, once, if missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  (echo "installing Debian's chromium for the HTML report test" && apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: setup browser
 	$(PY) -m pytest -q tests
 
 test-fast: setup
