@@ -73,10 +73,10 @@ def run_method(work: Path, data: str, configs: list[dict], eval_config: dict) ->
             "verdict": report["verdict"]["text"], "eval_wall_s": report["seconds"]}
 
 
-def demo_result(demo: str, steps: int) -> dict[str, Any] | None:
-    """The soft-SFT row from a finished `make demo` output (its training is that method at the demo's settings),
-    so the comparison need not train and evaluate it again; None when the demo ran other settings."""
-    summary = read_json(str(Path(demo) / "train" / "train_summary.json"))
+def demo_result(demo: str, summary: dict[str, Any], steps: int) -> dict[str, Any] | None:
+    """The soft-SFT row from a finished `make demo` output (its training summary given; its training is that
+    method at the demo's settings), so the comparison need not train and evaluate it again; None when the demo
+    ran other settings."""
     report = read_json(str(Path(demo) / "eval" / "report.json"))
     if not summary or not report or summary.get("method") != "sft" or summary.get("planned_steps") != steps \
             or not summary.get("soft_label_weight"):
@@ -106,7 +106,7 @@ def main(data: str | None = None, steps: int | None = None, keep: str | None = N
             run_script(["-m", "distill.cli", "generate", "--output", data, "--config", str(gen)], timeout=3600)
         results = {}
         for key, title, configs in methods(train, steps, engine):
-            reused = demo_result(demo, steps) if demo and key == "soft" else None
+            reused = demo_result(demo, demo_summary, steps) if demo and key == "soft" else None
             print(f"== fidelity: {title}" + (f" (the demo's run in {demo})" if reused else ""), flush=True)
             results[key] = {"title": title, **(reused or run_method(work / key, data, configs, eval_config))}
     ceiling = next(iter(results.values()))["fidelity"]["ceiling"]["teacher_vs_sample"]["agreement"]
