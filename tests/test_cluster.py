@@ -3,7 +3,7 @@ starts it) and a worker node in its own mount namespace with a private /tmp, bot
 local S3 server (moto). Jobs are submitted as users submit them (`ray job submit`, token auth); the driver runs
 on the head, every task and actor on the worker. Anything a stage wrote to one node's disk and read by path on
 another would fail here: the worker cannot see the head's /tmp (only the installation, this checkout with its
-environment and the prepared models, is mounted back when it lies under /tmp, as a CI clone does).
+environment and the prepared models, is mounted back when it lies under /tmp, as a clone made there does).
 
 Then a spot-style loss: the worker node is killed mid-generation, a new one joins, the job is submitted again and
 finishes with every id exactly once; what was lost is bounded by `flush_seconds`.
@@ -50,7 +50,7 @@ def cluster_env(endpoint: str) -> dict[str, str]:
 
 def installation_under_tmp() -> list[Path]:
     """What a worker node needs from this machine's disk that lies under /tmp (a checkout cloned there, as CI
-    does, carries the environment): hidden by the node's private /tmp, it is mounted back. Outermost paths only."""
+    may do, carries the environment): hidden by the node's private /tmp, it is mounted back. Outermost paths only."""
     from distill.models import models_home
 
     needed = {p.resolve() for p in (REPO, Path(sys.prefix), Path(sys.base_prefix), models_home()) if p.exists()}
