@@ -286,6 +286,9 @@ def padding_waste(lengths_per_batch: list[list[int]], packed: bool) -> float:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loss
+OTHER_EPS = 1e-6  # least mass of the reverse KL's "any other token" bucket: a finite loss where it is ~0
+
+
 def token_losses(model, batch: dict[str, Any], soft_weight: float = 0.0, objective: str = "forward"):
     """(sum of per-target-token losses, number of target tokens) for one micro-batch.
 
@@ -293,9 +296,13 @@ def token_losses(model, batch: dict[str, Any], soft_weight: float = 0.0, objecti
     (1 - soft_weight) x cross-entropy + soft_weight x a KL term:
     - forward (off-policy soft labels): KL(teacher || student) over the teacher's top-k, the teacher's
       log-probabilities renormalised over the k tokens;
-    - reverse (on-policy distillation, on the student's own samples): KL(student || teacher) with both
-      distributions renormalised over the teacher's top-k tokens at that position (tinker-cookbook's SDFT found
-      top-20 as good as the full vocabulary).
+    - reverse (on-policy distillation, on the student's own samples): KL(student || teacher) over k + 1 outcomes,
+      the teacher's top-k tokens at that position and one "any other token" bucket holding the rest of each
+      model's mass (both full-vocabulary probabilities; the teacher's are vLLM's raw log-probabilities). The
+      bucket is what makes the student move mass *into* the teacher's top-k: renormalising both over the top-k
+      alone would only match their shapes there and leave a student that puts its mass elsewhere at zero loss.
+      Merging tokens can only lower a KL, so this is a lower bound of the full-vocabulary reverse KL, exact
+      when the student's mass lies in the teacher's top-k.
     Summing (not averaging) lets the caller divide by the target tokens of the whole optimizer step, so packing,
     padding and sharding all weight every token the same.
     """
@@ -325,15 +332,22 @@ def token_losses(model, batch: dict[str, Any], soft_weight: float = 0.0, objecti
         rows = batch["soft_rows"].to(device)
         pos = torch.searchsorted(keep, batch["soft_positions"].to(device))  # soft positions are answer positions
         ids = batch["soft_ids"].to(device)
-        teacher = torch.log_softmax(batch["soft_logprobs"].to(device).float(), dim=-1)
         if objective == "reverse":
-            # Tokens the teacher gives no mass (-inf, from constrained decoding) leave the support of both.
+            teacher = batch["soft_logprobs"].to(device).float()
+            # A listed token the teacher gives no mass (-inf) counts in the "other" bucket of both. Masked with
+            # finite stand-ins, never -inf: an -inf inside the graph turns gradients into NaN even where unused.
             support = torch.isfinite(teacher)
-            student_logits = logits[rows, pos].gather(-1, ids).masked_fill(~support, float("-inf"))
-            student = torch.log_softmax(student_logits, dim=-1)
-            q = student.exp()
-            kl = torch.where(support, q * (student - teacher), torch.zeros_like(q)).sum(-1)
+            teacher = teacher.masked_fill(~support, 0.0)
+            student = torch.log_softmax(logits[rows, pos], dim=-1).gather(-1, ids)
+            q = student.exp().masked_fill(~support, 0.0)
+            head = (q * (student - teacher)).sum(-1)
+            # log(1 - sum q) from the log-sum-exp, kept finite when the top-k hold (nearly) all the mass.
+            listed = torch.logsumexp(student.masked_fill(~support, -1e4), -1)
+            log_q_other = torch.log(-torch.expm1(listed.clamp(max=-OTHER_EPS)))
+            log_p_other = torch.log((1.0 - teacher.exp().masked_fill(~support, 0.0).sum(-1)).clamp(min=OTHER_EPS))
+            kl = head + log_q_other.exp() * (log_q_other - log_p_other)
         else:
+            teacher = torch.log_softmax(batch["soft_logprobs"].to(device).float(), dim=-1)
             student = torch.log_softmax(logits[rows, pos], dim=-1).gather(-1, ids)
             # Constrained decoding leaves -inf in the top-k: those tokens have no teacher mass and add nothing.
             p = teacher.exp()
