@@ -87,10 +87,14 @@ def examples(samples: dict[str, dict], scores: dict[str, dict], max_length: int)
     return out
 
 
-def round_summary(samples: dict, scores: dict[str, Any]) -> dict[str, Any]:
-    """How far the student's samples were from the teacher: mean teacher log-probability per sampled token."""
+def round_summary(samples: dict, scores: dict[str, Any], task: TaskSpec, tokenizer) -> dict[str, Any]:
+    """How far the student's samples were from the teacher: mean teacher log-probability per sampled token, and
+    how many samples the task can read as an answer (on a label task, a student that drifts out of the answer
+    format shows here first: the prompted teacher, scored without the generation's grammar, may not hold it up)."""
     lps = [lp for v in scores.values() for lp in (v["token_logprobs"] or [])]
-    return {"samples": len(samples), "tokens": len(lps),
+    texts = [tokenizer.decode(v["tokens"], skip_special_tokens=True) for v in samples.values()]
+    parsed = sum(task.parse(t).answer is not None for t in texts)
+    return {"samples": len(samples), "tokens": len(lps), "answers_parsed": parsed,
             "teacher_logprob_per_token": float(np.mean(lps)) if lps else None}
 
 
@@ -131,7 +135,10 @@ def train_rounds(config: TrainConfig, tokenizer, task, prepared: dict, select_by
                 scores = score_with_teacher(queries, samples, task, teacher, op.engine, op.top_k, config.seed + r)
                 fs.create_dir(f"{rpath}/_tokens", recursive=True)
                 write_examples(fs, cached, examples(samples, scores, config.max_length))
-                write_json(join(rdir, "samples.json"), round_summary(samples, scores))
+                summary = round_summary(samples, scores, task, tokenizer)
+                log.info("round %d: %d of %d student samples parse as answers; teacher log-prob per token %.2f",
+                         r, summary["answers_parsed"], summary["samples"], summary["teacher_logprob_per_token"] or 0)
+                write_json(join(rdir, "samples.json"), summary)
             # Named apart from `examples` (the function above, which builds them).
             round_examples = read_examples(fs, cached)
             plan = StepPlan.build([e.length for e in round_examples], config.per_device_batch_size,

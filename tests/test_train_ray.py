@@ -307,6 +307,7 @@ def test_on_policy_rounds_sample_score_and_train_and_a_round_resumes_after_a_los
     first, second = summary["rounds"]
     assert first["policy"] is None and second["policy"] == os.path.join(config.output, "rounds", "00", "adapter")
     assert first["samples"] == 8 and first["tokens"] > 0 and first["teacher_logprob_per_token"] < 0
+    assert 0 <= first["answers_parsed"] <= first["samples"]  # counted (the random-init student parses rarely)
     for r in ("00", "01"):
         assert os.path.exists(os.path.join(config.output, "rounds", r, "_chaos", "failed_at_step_3"))
     # Round 2 started from round 1's adapter and moved it.
