@@ -85,7 +85,9 @@ class TrainConfig(StrictModel):
     method: Literal["sft", "on-policy"] = Field(
         "sft", description="sft: learn the teacher's answers from the data (hard labels, soft where free). "
         "on-policy: learn from the student's own answers, scored token by token by the prompted teacher (reverse "
-        "KL, `on_policy`); start it from an SFT adapter with init_adapter for on-policy after SFT.")
+        "KL, `on_policy`); start it from an SFT adapter with init_adapter for on-policy after SFT. The teacher scores "
+        "without the task's answer grammar: where it answers in format only under that grammar (a small teacher "
+        "on a label task), on-policy pulls the student out of the format (measured: README, Fidelity).")
     on_policy: OnPolicyOptions = Field(default_factory=OnPolicyOptions, description="Options of method on-policy.")
     workers: int = Field(1, ge=1, description="Ray Train workers; the model is sharded over them with FSDP2.")
     device: Literal["auto", "cpu", "gpu"] = Field(
