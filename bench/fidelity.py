@@ -7,8 +7,9 @@ Four methods, each the same number of optimizer steps of the same batch on the s
 demo's: SmolLM2 teaching itself language-id), each evaluated by `distill eval` on the same test split:
 - hard SFT: the teacher's sampled answers as targets (soft_label_weight 0);
 - soft SFT: the same plus KL to the teacher's top-20 logprobs at each answer token (the default where free);
-- on-policy: the student samples answers without the prompt, the prompted teacher scores those tokens, reverse
-  KL on them; 2 rounds of half the steps each, from the base student;
+- on-policy: the student samples answers without the prompt, the prompted teacher scores those tokens under the
+  task's answer grammar (as it generated), reverse KL on them; 2 rounds of half the steps each, from the base
+  student;
 - SFT then on-policy: half the steps of soft SFT, then one on-policy round of the other half from its adapter.
 On-policy rounds also spend engine time sampling and scoring: the table's wall time counts it.
 """
@@ -49,29 +50,34 @@ def methods(train: dict[str, Any], steps: int, engine: dict[str, Any]) -> list[t
 
 
 def run_method(work: Path, data: str, configs: list[dict], eval_config: dict) -> dict[str, Any]:
-    adapter, wall = None, 0.0
+    """Train `configs` one after another into WORK/train-I, evaluate the last. A method whose folder holds an
+    evaluation newer than its training, of the same configs, is read, not rerun (a kept --keep folder)."""
     work.mkdir(parents=True, exist_ok=True)
+    texts, adapter = [], None
     for i, config in enumerate(configs):
+        texts.append(yaml.safe_dump({**config, "merge": True, **({"init_adapter": adapter} if adapter else {})}))
+        adapter = str(work / f"train-{i}" / "adapter")
+    texts.append(yaml.safe_dump(eval_config))
+    paths = [work / f"train-{i}.yaml" for i in range(len(configs))] + [work / "eval.yaml"]
+    done = [work / f"train-{i}" / "train_summary.json" for i in range(len(configs))] + [work / "eval" / "report.json"]
+    reusable = all(p.exists() and p.read_text() == t for p, t in zip(paths, texts)) and all(d.exists() for d in done) \
+        and all(a.stat().st_mtime < done[-1].stat().st_mtime for a in done[:-1])
+    for i in range(len(configs) if not reusable else 0):
         out = work / f"train-{i}"
-        if adapter:
-            config = {**config, "init_adapter": adapter}
-        path = work / f"train-{i}.yaml"
-        path.write_text(yaml.safe_dump({**config, "merge": True}))
-        run_script(["-m", "distill.cli", "train", "--data", data, "--output", str(out), "--config", str(path)],
+        paths[i].write_text(texts[i])
+        run_script(["-m", "distill.cli", "train", "--data", data, "--output", str(out), "--config", str(paths[i])],
                    timeout=3600)
-        summary = read_json(str(out / "train_summary.json"))
-        wall += summary["wall_s"]
-        adapter = str(out / "adapter")
-    path = work / "eval.yaml"
-    path.write_text(yaml.safe_dump(eval_config))
-    run_script(["-m", "distill.cli", "eval", "--train", str(out), "--output", str(work / "eval"), "--config",
-                str(path)], timeout=3600)
-    report = read_json(str(work / "eval" / "report.json"))
+    if not reusable:
+        paths[-1].write_text(texts[-1])
+        run_script(["-m", "distill.cli", "eval", "--train", str(work / f"train-{len(configs) - 1}"), "--output",
+                    str(work / "eval"), "--config", str(paths[-1])], timeout=3600)
+    report = read_json(str(done[-1]))
+    wall = sum(read_json(str(d))["wall_s"] for d in done[:-1])
     return {"train_wall_s": round(wall, 1), "steps": sum(c.get("max_steps", 0) if c.get("method") != "on-policy"
                                                          else c["on_policy"]["rounds"] * c["on_policy"]["steps_per_round"]
                                                          for c in configs),
             "headline": report["headline"], "fidelity": report["fidelity"], "nll": report["nll"],
-            "verdict": report["verdict"]["text"], "eval_wall_s": report["seconds"]}
+            "verdict": report["verdict"]["text"], "eval_wall_s": report["seconds"], "reused": reusable}
 
 
 def demo_result(demo: str, summary: dict[str, Any], steps: int) -> dict[str, Any] | None:

@@ -1,8 +1,9 @@
 """On-policy prompt distillation: the rounds (`train_rounds`) and each round's data. The student answers without
 the prompt (its own samples, on a `ray.data.llm` vLLM engine), the teacher scores exactly those tokens with the
 prompt (teacher-forced decoding, the long prompt prefix-cached: distill.scoring) and returns its top-k at every
-position; training (distill.trainer) then minimises the reverse KL to the teacher on them
-(distill.training.token_losses, objective "reverse").
+position, under the task's answer grammar where the teacher generated under it (`AnswerGrammar`); training
+(distill.trainer) then minimises the reverse KL to the teacher on them (distill.training.token_losses,
+objective "reverse").
 
 Why: off-policy SFT trains on the teacher's answers; at inference the student continues its own, and its
 mistakes compound where the teacher's data never went. On the student's own samples the teacher says, token by
@@ -49,53 +50,124 @@ def sample_answers(rows: list[dict], task: TaskSpec, student: str, engine: Engin
 
 
 def score_with_teacher(rows: list[dict], samples: dict[str, dict], task: TaskSpec, teacher: str,
-                       engine: EngineConfig, top_k: int, seed: int) -> dict[str, dict]:
-    """{id: {topk_ids, topk_logprobs, token_logprobs}}: the prompted teacher's view of each student token."""
-    requests = [{"key": r["id"], "messages": task.teacher_messages(r["text"]),
-                 "sampling_params": scoring_sampling(samples[r["id"]]["tokens"], top_k)}
-                for r in rows if r["id"] in samples]
+                       engine: EngineConfig, top_k: int, seed: int,
+                       grammar: AnswerGrammar | None = None) -> dict[str, dict]:
+    """{id: {topk_ids, topk_logprobs, token_logprobs}}: the prompted teacher's view of each student token. Under
+    `grammar` the view is the constrained teacher's, over the tokens the grammar accepts and the one position
+    after them where the student left it (token_logprobs: the accepted tokens'; topk: one row more)."""
+    requests = []
+    for r in rows:
+        if r["id"] not in samples:
+            continue
+        tokens = samples[r["id"]]["tokens"]
+        if grammar is None:
+            params = scoring_sampling(tokens, top_k)
+        else:
+            accepted = grammar.accepted(tokens)
+            params = scoring_sampling(tokens[:accepted], top_k, grammar.choices, next_step=accepted < len(tokens))
+        requests.append({"key": r["id"], "messages": task.teacher_messages(r["text"]), "sampling_params": params})
     results, wall = run_requests("on-policy: teacher scores", requests, teacher, engine, seed=seed,
                                  chat_template_kwargs={"enable_thinking": False}, **ENGINE_ARGS)
     failed = [k for k, v in results.items() if v["error"]]
     if failed:
         raise RuntimeError(f"the teacher could not score {len(failed)} student answers, e.g. {failed[:3]}: "
                            f"{results[failed[0]]['error'][:300]}")
+    if grammar is not None:
+        for key, v in results.items():  # the unforced step's token is the teacher's own, not the student's
+            v["token_logprobs"] = v["token_logprobs"][:grammar.accepted(samples[key]["tokens"])]
     log.info("teacher scored %d student answers in %.0fs", len(results), wall)
     return results
 
 
-def examples(samples: dict[str, dict], scores: dict[str, dict], max_length: int) -> list[Example]:
-    """Training examples of the round: the student's prompt and its own answer, every answer position with the
-    teacher's top-k there (the reverse-KL target) and the sampled token as its target (which counts the
-    position; under objective "reverse" with soft weight 1 the cross-entropy has no weight)."""
-    out = []
+class AnswerGrammar:
+    """The task's answer grammar (one of `choices`, then end of turn), as the teacher generated under it. Scoring
+    the student under it (`score_with_teacher`) gives the constrained teacher's distribution, the one it samples
+    from; the unconstrained one instead asks the student for what the teacher itself never writes (a small
+    prompted teacher puts most of its mass outside the format)."""
+
+    def __init__(self, tokenizer, choices: list[str]):
+        self.tokenizer, self.choices = tokenizer, choices
+        self.ends = set(tokenizer.all_special_ids)  # end of turn; any special token inside an answer is off-format
+
+    def _text(self, ids: list[int]) -> str:
+        # A token may end inside a multi-byte character: judge the text before it, whose bytes are complete.
+        return self.tokenizer.decode(ids, skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False).rstrip("\ufffd")
+
+    def accepted(self, tokens: list[int]) -> int:
+        """How many leading tokens the grammar accepts: each keeps the text a prefix of an answer, and an end of
+        turn only after a complete one."""
+        for t, token in enumerate(tokens):
+            before = self._text(tokens[:t])
+            if token in self.ends:
+                if before not in self.choices:
+                    return t
+                return t + 1  # the answer ends here; nothing after an end of turn is scored
+            text = self._text(tokens[:t + 1])
+            if len(text) <= len(before) or not any(c.startswith(text) for c in self.choices):
+                return t
+        return len(tokens)
+
+
+def examples(samples: dict[str, dict], scores: dict[str, dict], max_length: int) -> tuple[list[Example], dict]:
+    """Training examples of the round and their counts: the student's prompt and its own answer, each answer
+    position the teacher scored with its top-k there (the reverse-KL target) and the sampled token as its target
+    (which counts the position; under objective "reverse" with soft weight 1 the cross-entropy has no weight).
+    The teacher scores every position, or under the answer grammar the positions up to and including the one
+    where the student left it: the rest have no target."""
+    out, counts = [], {"positions": 0, "positions_trained": 0, "samples_too_long": 0}
     for key in sorted(samples):
         prompt, tokens = samples[key]["prompt_ids"], samples[key]["tokens"]
         score = scores[key]
         ids = np.asarray(prompt + tokens, dtype=np.int64)
+        counts["positions"] += len(tokens)
         if len(ids) > max_length:
+            counts["samples_too_long"] += 1
             continue
-        targets = np.full(len(ids), IGNORE, dtype=np.int64)
-        start = len(prompt)
-        targets[start - 1:len(ids) - 1] = ids[start:]
-        k = min(len(row) for row in score["topk_ids"])
+        n = min(len(score["topk_ids"]), len(tokens))
+        k = min(len(row) for row in score["topk_ids"][:n])
         if k == 0:
             raise RuntimeError(f"{key}: the teacher returned no top-k logprobs (top_k must be > 0)")
-        out.append(Example(key, ids, targets, np.arange(start - 1, len(ids) - 1, dtype=np.int64),
-                           np.asarray([row[:k] for row in score["topk_ids"]], dtype=np.int64),
-                           np.asarray([row[:k] for row in score["topk_logprobs"]], dtype=np.float32)))
-    return out
+        start = len(prompt)
+        positions = np.arange(start - 1, start - 1 + n, dtype=np.int64)
+        targets = np.full(len(ids), IGNORE, dtype=np.int64)
+        targets[positions] = ids[positions + 1]
+        counts["positions_trained"] += n
+        out.append(Example(key, ids, targets, positions,
+                           np.asarray([row[:k] for row in score["topk_ids"][:n]], dtype=np.int64),
+                           np.asarray([row[:k] for row in score["topk_logprobs"][:n]], dtype=np.float32)))
+    return out, counts
 
 
-def round_summary(samples: dict, scores: dict[str, Any], task: TaskSpec, tokenizer) -> dict[str, Any]:
-    """How far the student's samples were from the teacher: mean teacher log-probability per sampled token, and
-    how many samples the task can read as an answer (on a label task, a student that drifts out of the answer
-    format shows here first: the prompted teacher, scored without the generation's grammar, may not hold it up)."""
-    lps = [lp for v in scores.values() for lp in (v["token_logprobs"] or [])]
+def round_summary(samples: dict, scores: dict[str, Any], task: TaskSpec, tokenizer,
+                  counts: dict[str, int]) -> dict[str, Any]:
+    """How far the student's samples were from the teacher: mean (unconstrained) teacher log-probability per
+    sampled token, how many samples the task can read as an answer (a student drifting out of the answer format
+    shows here first), how many sampled tokens the teacher gives no mass, and `examples`' counts of what was
+    trained on."""
+    lps = np.asarray([lp for v in scores.values() for lp in (v["token_logprobs"] or [])], dtype=np.float64)
+    finite = lps[np.isfinite(lps)]
     texts = [tokenizer.decode(v["tokens"], skip_special_tokens=True) for v in samples.values()]
     parsed = sum(task.parse(t).answer is not None for t in texts)
+    # A constrained teacher gives no mass at all to a spelling its grammar masks (only "Final", never "F", as
+    # SmolLM2's first answer token): counted apart, so the mean stays a number.
     return {"samples": len(samples), "tokens": len(lps), "answers_parsed": parsed,
-            "teacher_logprob_per_token": float(np.mean(lps)) if lps else None}
+            "teacher_logprob_per_token": float(finite.mean()) if len(finite) else None,
+            "tokens_without_teacher_mass": int(len(lps) - len(finite)), **counts}
+
+
+def answer_grammar(config: TrainConfig, task: TaskSpec, tokenizer) -> AnswerGrammar | None:
+    """on_policy.answer_grammar resolved: the task's grammar when asked for, or by default when the teacher
+    generated under it; an error where the task has none."""
+    wanted = config.on_policy.answer_grammar
+    if wanted is None:
+        wanted = task.teacher.constrained
+    if not wanted:
+        return None
+    choices = task.canonical_answers()
+    if not choices:
+        raise ConfigError(f"on_policy.answer_grammar: task {task.name!r} has no label set to constrain answers to")
+    return AnswerGrammar(tokenizer, choices)
 
 
 def train_rounds(config: TrainConfig, tokenizer, task, prepared: dict, select_by: str, run: tuple):
@@ -117,6 +189,7 @@ def train_rounds(config: TrainConfig, tokenizer, task, prepared: dict, select_by
     rows = [r for r in read_data(config) if r["id"] in train_ids]
     texts = sorted(({"id": r["id"], "text": r["messages"][0]["content"], "answer": r["answer"]} for r in rows),
                    key=lambda r: r["id"])
+    grammar = answer_grammar(config, task, tokenizer)
     max_tokens = op.max_new_tokens or max(len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"])
                                           for r in texts) + 8
     policy, rounds, merged_metrics, offset = config.init_adapter, [], [], 0
@@ -132,12 +205,20 @@ def train_rounds(config: TrainConfig, tokenizer, task, prepared: dict, select_by
                 model = config.student if policy is None else merge_adapter_on_cluster(
                     config.student, policy, join(rdir, "policy-merged"))
                 samples = sample_answers(queries, task, model, op.engine, op.temperature, max_tokens, config.seed + r)
-                scores = score_with_teacher(queries, samples, task, teacher, op.engine, op.top_k, config.seed + r)
+                scores = score_with_teacher(queries, samples, task, teacher, op.engine, op.top_k, config.seed + r,
+                                            grammar)
+                round_examples, counts = examples(samples, scores, config.max_length)
+                summary = round_summary(samples, scores, task, tokenizer, counts)
+                log.info("round %d: %d of %d student samples parse as answers; teacher log-prob per token %.2f; "
+                         "%d of %d answer positions trained on%s", r, summary["answers_parsed"], summary["samples"],
+                         summary["teacher_logprob_per_token"] or 0, counts["positions_trained"], counts["positions"],
+                         " (the rest after the student left the answer grammar)" if grammar else "")
+                if not round_examples:
+                    raise RuntimeError(f"on-policy round {r}: nothing to train on: the student answered "
+                                       f"{len(samples)} of {len(queries)} queries, {counts['samples_too_long']} "
+                                       f"longer than max_length ({config.max_length})")
                 fs.create_dir(f"{rpath}/_tokens", recursive=True)
-                write_examples(fs, cached, examples(samples, scores, config.max_length))
-                summary = round_summary(samples, scores, task, tokenizer)
-                log.info("round %d: %d of %d student samples parse as answers; teacher log-prob per token %.2f",
-                         r, summary["answers_parsed"], summary["samples"], summary["teacher_logprob_per_token"] or 0)
+                write_examples(fs, cached, round_examples)
                 write_json(join(rdir, "samples.json"), summary)
             # Named apart from `examples` (the function above, which builds them).
             round_examples = read_examples(fs, cached)

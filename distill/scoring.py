@@ -59,17 +59,31 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def scoring_sampling(tokens: list[int], top_k: int = 0) -> dict[str, Any]:
+def scoring_sampling(tokens: list[int], top_k: int = 0, choices: Optional[list[str]] = None,
+                     next_step: bool = False) -> dict[str, Any]:
     """sampling_params (a `ray.data.llm` row field, or SamplingParams(**...)) that score `tokens`: greedy, exactly
-    len(tokens) steps, each forced, with the forced token's logprob and the top_k others at every step."""
-    if not tokens:
+    len(tokens) steps, each forced, with the forced token's logprob and the top_k others at every step.
+
+    choices: score under the grammar of these answers (structured outputs, as distill.sampling.guided_choice).
+    The grammar's mask comes before the logprobs, so they are the constrained model's: its distribution over the
+    tokens the grammar allows there, renormalised. Every token must be one the grammar allows.
+    next_step: one more step, not forced, after the tokens (greedy, under the grammar when given): its top_k is the
+    model's distribution at the position after them (where a scored answer left the grammar, say); `tokens` may
+    then be empty."""
+    if not tokens and not next_step:
         raise ValueError("nothing to score: empty token list")
+    steps = len(tokens) + int(next_step)
     # The tokens as one comma-separated string: a Ray Data pass mixes these rows with unforced ones, whose
     # extra_args carry "" (distill.sampling.DEFAULTS), so every block has the same string-typed field (a list here
     # and None there made blocks of unforced rows only fail to concatenate inside ray.data.llm).
-    return {"temperature": 0.0, "max_tokens": len(tokens), "min_tokens": len(tokens), "ignore_eos": True,
-            "logprobs": top_k, "skip_special_tokens": False,
-            "extra_args": {FORCED_TOKENS: ",".join(str(int(t)) for t in tokens)}}
+    # min_tokens only over the forced steps: it masks end-of-turn below it, which the next step may need (the
+    # grammar allows nothing else after a complete answer).
+    params = {"temperature": 0.0, "max_tokens": steps, "min_tokens": len(tokens), "ignore_eos": True,
+              "logprobs": top_k, "skip_special_tokens": False,
+              "extra_args": {FORCED_TOKENS: ",".join(str(int(t)) for t in tokens)}}
+    if choices:
+        params["structured_outputs"] = {"choice": list(choices)}
+    return params
 
 
 def read_scores(logprobs: Optional[list], tokens: list[int], top_k: int = 0) -> dict[str, Any]:

@@ -63,6 +63,13 @@ class OnPolicyOptions(StrictModel):
     max_new_tokens: Optional[int] = Field(None, ge=1, description="Most tokens a student sample may have; default: "
                                           "the longest training answer + 8.")
     teacher: Optional[str] = Field(None, description="The teacher that scores (default: the data's teacher).")
+    answer_grammar: Optional[bool] = Field(
+        None, description="The teacher scores under the task's answer grammar, as it generated (default: when the "
+        "task's teacher is constrained): its logprobs and top-k are then the constrained teacher's, over the tokens "
+        "the grammar allows. A student answer is scored up to and including the token where it left the format "
+        "(the teacher's mass there lies on allowed tokens: the KL pulls the student back); the rest is not trained "
+        "on (counted per round). Unconstrained, a small teacher puts most of its mass outside the format and pulls "
+        "the student out of it (measured: README, Fidelity).")
     engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engines that sample and score.")
 
 
@@ -85,9 +92,7 @@ class TrainConfig(StrictModel):
     method: Literal["sft", "on-policy"] = Field(
         "sft", description="sft: learn the teacher's answers from the data (hard labels, soft where free). "
         "on-policy: learn from the student's own answers, scored token by token by the prompted teacher (reverse "
-        "KL, `on_policy`); start it from an SFT adapter with init_adapter for on-policy after SFT. The teacher scores "
-        "without the task's answer grammar: where it answers in format only under that grammar (a small teacher "
-        "on a label task), on-policy pulls the student out of the format (measured: README, Fidelity).")
+        "KL, `on_policy`); start it from an SFT adapter with init_adapter for on-policy after SFT.")
     on_policy: OnPolicyOptions = Field(default_factory=OnPolicyOptions, description="Options of method on-policy.")
     workers: int = Field(1, ge=1, description="Ray Train workers; the model is sharded over them with FSDP2.")
     device: Literal["auto", "cpu", "gpu"] = Field(

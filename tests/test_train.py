@@ -446,7 +446,59 @@ def test_an_on_policy_rounds_summary_counts_the_student_samples_that_parse_as_an
     samples = {f"q{i}": {"prompt_ids": [1], "tokens": tokenizer(a, add_special_tokens=False)["input_ids"]}
                for i, a in enumerate(answers)}
     scores = {k: {"token_logprobs": [-0.5] * len(v["tokens"])} for k, v in samples.items()}
-    summary = round_summary(samples, scores, task, tokenizer)
-    assert summary["answers_parsed"] == 1 and summary["samples"] == 3
+    scores["q1"]["token_logprobs"][0] = float("-inf")  # a token the constrained teacher never writes
+    summary = round_summary(samples, scores, task, tokenizer, {"positions_trained": 5})
+    assert summary["answers_parsed"] == 1 and summary["samples"] == 3 and summary["positions_trained"] == 5
     assert summary["tokens"] == sum(len(v["tokens"]) for v in samples.values())
-    assert summary["teacher_logprob_per_token"] == pytest.approx(-0.5)
+    assert summary["teacher_logprob_per_token"] == pytest.approx(-0.5) and summary["tokens_without_teacher_mass"] == 1
+
+
+def test_on_policy_grammar_accepts_a_students_answer_up_to_where_it_leaves_the_format(tokenizer):
+    """Which leading student tokens the answer grammar accepts (those the constrained teacher scores): each keeps the
+    text a prefix of an answer, end of turn only after a whole one; then the round trains on those positions and
+    the one where the student left, and nothing after."""
+    from distill.onpolicy import AnswerGrammar, examples
+    from distill.tasks import load_task
+
+    grammar = AnswerGrammar(tokenizer, load_task("language-id").canonical_answers())
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = tokenizer.eos_token_id
+    whole = encode("Final Answer: fr") + [eos]
+    assert grammar.accepted(whole) == len(whole)
+    assert grammar.accepted(whole + encode(" more")) == len(whole)          # nothing after an end of turn
+    assert grammar.accepted(encode("Final Answer: fr and more")) == len(encode("Final Answer: fr"))
+    assert grammar.accepted(encode("Final Answer") + [eos]) == len(encode("Final Answer"))  # not a whole answer
+    assert grammar.accepted(encode("Final Answer: z")) == len(encode("Final Answer: z"))   # " z" begins " zh"
+    assert grammar.accepted(encode("Final Answer is French")) == len(encode("Final Answer"))
+    assert grammar.accepted(encode("?")) == 0 and grammar.accepted([]) == 0
+
+    # The teacher scored 3 positions of a 5-token answer (2 accepted + the one where it left), all of a 2-token one.
+    samples = {"left": {"prompt_ids": [1, 2, 3], "tokens": [10, 11, 12, 13, 14]},
+               "whole": {"prompt_ids": [1, 2], "tokens": [10, 15]}}
+    scores = {"left": {"topk_ids": [[10, 20], [11, 21], [22, 23]], "topk_logprobs": [[-0.1, -2.5]] * 3},
+              "whole": {"topk_ids": [[10, 20], [15, 25]], "topk_logprobs": [[-0.2, -1.9]] * 2}}
+    built, counts = examples(samples, scores, max_length=64)
+    assert counts == {"positions": 7, "positions_trained": 5, "samples_too_long": 0}
+    left, whole = built
+    assert left.soft_positions.tolist() == [2, 3, 4] and left.n_targets == 3
+    assert left.targets[[2, 3, 4]].tolist() == [10, 11, 12] and left.soft_ids.tolist()[2] == [22, 23]
+    assert whole.soft_positions.tolist() == [1, 2] and whole.targets[[1, 2]].tolist() == [10, 15]
+    built, counts = examples(samples, scores, max_length=6)
+    assert counts["samples_too_long"] == 1 and [e.id for e in built] == ["whole"]
+
+
+def test_on_policy_answer_grammar_follows_the_teacher_and_is_an_error_where_the_task_has_none(tokenizer):
+    from distill.config import ConfigError
+    from distill.onpolicy import AnswerGrammar, answer_grammar
+    from distill.tasks import load_task
+    from pipelines.train import TrainConfig
+
+    def config(**on_policy):
+        return TrainConfig(data="unused", method="on-policy", on_policy=on_policy)
+
+    labels, free_text = load_task("language-id"), load_task("persona")  # constrained teacher / unconstrained
+    assert isinstance(answer_grammar(config(), labels, tokenizer), AnswerGrammar)
+    assert answer_grammar(config(answer_grammar=False), labels, tokenizer) is None
+    assert answer_grammar(config(), free_text, tokenizer) is None
+    with pytest.raises(ConfigError, match="no label set"):
+        answer_grammar(config(answer_grammar=True), free_text, tokenizer)

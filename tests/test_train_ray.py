@@ -7,6 +7,7 @@ Teacher data comes from the real generation pipeline (tiny teacher, with top-k l
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -295,6 +296,10 @@ def test_on_policy_rounds_sample_score_and_train_and_a_round_resumes_after_a_los
     round 1's adapter. A worker dies in each round's training and the round resumes from its checkpoint; a rerun
     of the finished run trains nothing."""
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from distill.onpolicy import AnswerGrammar
+    from distill.tasks import load_task
 
     config = TrainConfig(data=generated, output=str(tmp_path / "op"), student=tiny_model, method="on-policy",
                          workers=1, per_device_batch_size=2, gradient_accumulation=1, learning_rate=3e-3,
@@ -306,8 +311,20 @@ def test_on_policy_rounds_sample_score_and_train_and_a_round_resumes_after_a_los
     assert summary["method"] == "on-policy" and len(summary["rounds"]) == 2 and summary["steps"] == 8
     first, second = summary["rounds"]
     assert first["policy"] is None and second["policy"] == os.path.join(config.output, "rounds", "00", "adapter")
-    assert first["samples"] == 8 and first["tokens"] > 0 and first["teacher_logprob_per_token"] < 0
+    assert first["samples"] == 8 and first["positions"] > 0
     assert 0 <= first["answers_parsed"] <= first["samples"]  # counted (the random-init student parses rarely)
+    # The constrained teacher (language-id's) scored each sample up to the token where it left the answer format:
+    # the random-init student leaves it at once, so about one position per sample trains, each on a teacher top-k
+    # that holds only tokens the grammar allows there.
+    assert first["samples"] <= first["positions_trained"] < first["positions"]
+    # "tokens": the student tokens the grammar accepted (the teacher's log-probability of each); one position more
+    # per sample that left the format.
+    assert first["tokens"] <= first["positions_trained"] <= first["tokens"] + first["samples"]
+    grammar = AnswerGrammar(AutoTokenizer.from_pretrained(tiny_model), load_task("language-id").canonical_answers())
+    for row in pq.read_table(os.path.join(config.output, "rounds", "00", "_tokens", "examples.parquet")).to_pylist():
+        answer = row["input_ids"][row["soft_positions"][0] + 1:]
+        for i, (ids, lps) in enumerate(zip(row["soft_ids"], row["soft_logprobs"])):
+            assert all(grammar.accepted(answer[:i] + [t]) == i + 1 for t, lp in zip(ids, lps) if lp > -math.inf)
     for r in ("00", "01"):
         assert os.path.exists(os.path.join(config.output, "rounds", r, "_chaos", "failed_at_step_3"))
     # Round 2 started from round 1's adapter and moved it.
