@@ -62,12 +62,11 @@ def run_method(work: Path, data: str, configs: list[dict], eval_config: dict) ->
     done = [work / f"train-{i}" / "train_summary.json" for i in range(len(configs))] + [work / "eval" / "report.json"]
     reusable = all(p.exists() and p.read_text() == t for p, t in zip(paths, texts)) and all(d.exists() for d in done) \
         and all(a.stat().st_mtime < done[-1].stat().st_mtime for a in done[:-1])
-    for i in range(len(configs) if not reusable else 0):
-        out = work / f"train-{i}"
-        paths[i].write_text(texts[i])
-        run_script(["-m", "distill.cli", "train", "--data", data, "--output", str(out), "--config", str(paths[i])],
-                   timeout=3600)
     if not reusable:
+        for i in range(len(configs)):
+            paths[i].write_text(texts[i])
+            run_script(["-m", "distill.cli", "train", "--data", data, "--output", str(work / f"train-{i}"),
+                        "--config", str(paths[i])], timeout=3600)
         paths[-1].write_text(texts[-1])
         run_script(["-m", "distill.cli", "eval", "--train", str(work / f"train-{len(configs) - 1}"), "--output",
                     str(work / "eval"), "--config", str(paths[-1])], timeout=3600)

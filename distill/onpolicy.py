@@ -55,7 +55,7 @@ def score_with_teacher(rows: list[dict], samples: dict[str, dict], task: TaskSpe
     """{id: {topk_ids, topk_logprobs, token_logprobs}}: the prompted teacher's view of each student token. Under
     `grammar` the view is the constrained teacher's, over the tokens the grammar accepts and the one position
     after them where the student left it (token_logprobs: the accepted tokens'; topk: one row more)."""
-    requests = []
+    requests, accepted = [], {}
     for r in rows:
         if r["id"] not in samples:
             continue
@@ -63,8 +63,8 @@ def score_with_teacher(rows: list[dict], samples: dict[str, dict], task: TaskSpe
         if grammar is None:
             params = scoring_sampling(tokens, top_k)
         else:
-            accepted = grammar.accepted(tokens)
-            params = scoring_sampling(tokens[:accepted], top_k, grammar.choices, next_step=accepted < len(tokens))
+            n = accepted[r["id"]] = grammar.accepted(tokens)
+            params = scoring_sampling(tokens[:n], top_k, grammar.choices, next_step=n < len(tokens))
         requests.append({"key": r["id"], "messages": task.teacher_messages(r["text"]), "sampling_params": params})
     results, wall = run_requests("on-policy: teacher scores", requests, teacher, engine, seed=seed,
                                  chat_template_kwargs={"enable_thinking": False}, **ENGINE_ARGS)
@@ -72,9 +72,8 @@ def score_with_teacher(rows: list[dict], samples: dict[str, dict], task: TaskSpe
     if failed:
         raise RuntimeError(f"the teacher could not score {len(failed)} student answers, e.g. {failed[:3]}: "
                            f"{results[failed[0]]['error'][:300]}")
-    if grammar is not None:
-        for key, v in results.items():  # the unforced step's token is the teacher's own, not the student's
-            v["token_logprobs"] = v["token_logprobs"][:grammar.accepted(samples[key]["tokens"])]
+    for key, n in accepted.items():  # the unforced step's token is the teacher's own, not the student's
+        results[key]["token_logprobs"] = results[key]["token_logprobs"][:n]
     log.info("teacher scored %d student answers in %.0fs", len(results), wall)
     return results
 
@@ -97,8 +96,8 @@ class AnswerGrammar:
     def accepted(self, tokens: list[int]) -> int:
         """How many leading tokens the grammar accepts: each keeps the text a prefix of an answer, and an end of
         turn only after a complete one."""
+        before = ""
         for t, token in enumerate(tokens):
-            before = self._text(tokens[:t])
             if token in self.ends:
                 if before not in self.choices:
                     return t
@@ -106,6 +105,7 @@ class AnswerGrammar:
             text = self._text(tokens[:t + 1])
             if len(text) <= len(before) or not any(c.startswith(text) for c in self.choices):
                 return t
+            before = text
         return len(tokens)
 
 
@@ -141,8 +141,8 @@ def examples(samples: dict[str, dict], scores: dict[str, dict], max_length: int)
 
 def round_summary(samples: dict, scores: dict[str, Any], task: TaskSpec, tokenizer,
                   counts: dict[str, int]) -> dict[str, Any]:
-    """How far the student's samples were from the teacher: mean (unconstrained) teacher log-probability per
-    sampled token, how many samples the task can read as an answer (a student drifting out of the answer format
+    """How far the student's samples were from the teacher: mean teacher log-probability per scored student
+    token (under the answer grammar when the teacher scored under it), how many samples the task can read as an answer (a student drifting out of the answer format
     shows here first), how many sampled tokens the teacher gives no mass, and `examples`' counts of what was
     trained on."""
     lps = np.asarray([lp for v in scores.values() for lp in (v["token_logprobs"] or [])], dtype=np.float64)

@@ -82,7 +82,9 @@ def scoring_sampling(tokens: list[int], top_k: int = 0, choices: Optional[list[s
               "logprobs": top_k, "skip_special_tokens": False,
               "extra_args": {FORCED_TOKENS: ",".join(str(int(t)) for t in tokens)}}
     if choices:
-        params["structured_outputs"] = {"choice": list(choices)}
+        from distill.sampling import guided_choice  # the one definition of constrained decoding
+
+        params["structured_outputs"] = guided_choice(choices, steps)["structured_outputs"]
     return params
 
 
