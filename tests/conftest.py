@@ -57,6 +57,20 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_generation(ray_cluster, tiny_model, tmp_path_factory) -> str:
+    """Teacher data from the real generation pipeline (the tiny teacher, 24 rows, its top-5 logprobs kept for soft
+    labels), generated once and read by the training tests of several modules. Read-only: a test that writes
+    next to it uses its own folder."""
+    from pipelines.generate import GenerateConfig
+    from pipelines.generate import main as run_generation
+
+    out = str(tmp_path_factory.mktemp("tiny-generation"))
+    manifest = run_generation(GenerateConfig(teacher=tiny_model, output=out, limit=24, logprobs=5))
+    assert manifest["rows_written"] >= 20, manifest
+    return out
+
+
 def _mapped_shared_memory() -> set[str]:
     """Shared-memory files some living process still maps (another test session's engines, for one)."""
     mapped = set()

@@ -104,14 +104,11 @@ def test_metrics_log_rewrites_the_object_and_a_resumed_run_keeps_lines_up_to_its
 
 
 @pytest.fixture(scope="module")
-def generated(ray_cluster, tiny_model, tmp_path_factory) -> str:
-    """Teacher data on local disk (this cluster's workers have no S3 endpoint: `distill run` into s3:// end to end
-    runs on a two-node cluster whose nodes do, tests/test_cluster.py)."""
-    from pipelines.generate import GenerateConfig, main
-
-    out = str(tmp_path_factory.mktemp("gen"))
-    assert main(GenerateConfig(teacher=tiny_model, output=out, limit=24))["rows_written"] >= 20
-    return out
+def generated(tiny_generation) -> str:
+    """Teacher data on local disk, the session's tiny-teacher generation (this cluster's workers have no S3
+    endpoint: `distill run` into s3:// end to end runs on a two-node cluster whose nodes do,
+    tests/test_cluster.py)."""
+    return tiny_generation
 
 
 @pytest.mark.timeout(300)

@@ -27,14 +27,9 @@ from pipelines.train import LoraOptions, TrainConfig, main
 
 
 @pytest.fixture(scope="module")
-def generated(ray_cluster, tiny_model, tmp_path_factory) -> str:
-    from pipelines.generate import GenerateConfig
-    from pipelines.generate import main as generate
-
-    out = str(tmp_path_factory.mktemp("gen"))
-    manifest = generate(GenerateConfig(teacher=tiny_model, output=out, limit=24, logprobs=5))
-    assert manifest["rows_written"] >= 20
-    return out
+def generated(tiny_generation) -> str:
+    """The session's tiny-teacher generation (conftest.tiny_generation): 24 rows with top-5 logprobs."""
+    return tiny_generation
 
 
 def fsdp_config(data: str, output: str, student: str, **overrides) -> TrainConfig:
