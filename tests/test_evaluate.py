@@ -102,20 +102,18 @@ def make_training_output(gen_dir: str, model_dir: str, out: str, steps: int = 30
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fixtures: one generation, one training output, one evaluation for the whole module (engines are the slow part).
+# Fixtures: the session's generation, one training output, one evaluation for the whole module (engines are the
+# slow part).
 @pytest.fixture(scope="module")
-def generated(tmp_path_factory, ray_cluster, tiny_model) -> str:
-    from pipelines.generate import GenerateConfig, main
-
-    out = str(tmp_path_factory.mktemp("eval") / "gen")
-    manifest = main(GenerateConfig(output=out, teacher=tiny_model, limit=40))
-    assert manifest["rows_written"] >= 30, manifest
-    return out
+def generated(tiny_generation) -> str:
+    """The session's tiny-teacher generation (conftest.tiny_generation, 24 rows of the bundled sample with gold
+    labels): every third id is held out, so the report scores 8 rows."""
+    return tiny_generation
 
 
 @pytest.fixture(scope="module")
-def trained(generated, tiny_model) -> str:
-    out = str(Path(generated).parent / "train")
+def trained(generated, tiny_model, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("eval") / "train")
     make_training_output(generated, tiny_model, out, steps=20)
     return out
 
