@@ -271,9 +271,9 @@ def test_worker_node_lost_mid_generation_then_a_new_node_and_a_resubmit_finish_e
     """Kill the only worker node while the teacher answers (a spot reclaim): answers the driver had received by
     `flush_seconds` before the kill are in durable shards; a new node joins, the job is submitted again, and every
     id ends up exactly once."""
-    # 600 queries: the tiny teacher answers ~20/s on 2 AVX-512 cores (fewer on AVX2), so the kill, a few
-    # seconds after the first 100 are durable, lands with most still to do; the resubmit does the rest.
-    rows = sample_rows(600)
+    # 1,000 queries: the kill comes a few seconds after the first 100 are durable and must land with queries
+    # still to do; at 600 the tiny teacher had answered them all by then on 2 AVX-512 cores.
+    rows = sample_rows(1000)
     config, out = write_run(tmp_path, "spot", tiny_model, rows, ["generate"])
     cluster.submit(config, "spot")
     deadline = time.monotonic() + 600
