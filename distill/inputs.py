@@ -34,6 +34,17 @@ class InputRow:
     reason: Optional[str] = None  # set when the row cannot be a query
 
 
+def unit_hash(text: str) -> float:
+    """A uniform number in [0, 1) from the text alone: the same on every run, process and machine (no Python hash
+    randomisation). Splits, samples and serving's sticky users are all drawn with it."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def id_hash(example_id: str, seed: int | str) -> float:
+    """A uniform number in [0, 1) from the id alone: the same id lands in the same split on every run."""
+    return unit_hash(f"{seed}:{example_id}")
+
+
 def content_id(text: str) -> str:
     """A stable id derived from the query text, for inputs that carry none."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
@@ -127,7 +138,6 @@ def sampled_positions(uri: str, n: int, text_column: str = "text", id_column: st
     every run and machine; a file grouped by label still gives a sample of every label). One read of the input."""
     import heapq
 
-    from distill.training import id_hash
 
     # Salted apart from training's split (id_hash(id, split_seed)): the lowest split hashes are the test and
     # validation rows, so ranking by the same hash would make a sample of mostly held-out rows.

@@ -36,6 +36,11 @@ def percentile(values: Sequence[float], q: float) -> Optional[float]:
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
+def quantile(values: Iterable[float], q: float) -> Optional[float]:
+    """The same with q in 0..1, over any iterable (a window); None for no values."""
+    return percentile(list(values), 100 * q)
+
+
 def latency_summary(values: Sequence[float]) -> dict:
     """n, mean, p50, p95 and max of per-request latencies in seconds (None entries, failed requests, skipped)."""
     data = [float(v) for v in values if v is not None]

@@ -1,6 +1,6 @@
 """Selective answering: which of the student's answers are safe to serve, judged by its own confidence.
 
-The student keeps a query when its confidence (`distill.evaluation.confidence`) is at least a threshold t and
+The student keeps a query when its confidence (`confidence`, below) is at least a threshold t and
 defers it to the teacher otherwise. Over rows sorted by confidence, highest first:
 
 - coverage(t): the share of judged rows kept (rows without a confidence are never kept);
@@ -21,6 +21,21 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from distill import metrics as M
+from distill.tasks import TaskSpec
+
+
+def confidence(task: TaskSpec, result: dict) -> Optional[float]:
+    """The model's confidence in the answer it gave, from the logprobs of its own tokens: for label tasks the
+    probability of the whole answer (the product over its tokens; under guided decoding the engine's logprobs are
+    already normalised over the allowed labels); for free text the mean log-probability per token."""
+    lps = result.get("token_logprobs")
+    if not lps or result.get("error"):
+        return None
+    import math
+
+    if task.answer.type == "labels":
+        return math.exp(sum(lps))
+    return sum(lps) / len(lps)
 
 
 def coverage_curve(confidences: list[Optional[float]], scores: list[Optional[float]]) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
+from distill.chat import THINK_CLOSE, THINK_OPEN
 from distill.config import ConfigError, StrictModel, build_config, read_yaml
 
 BUILTIN_DIR = Path(__file__).parent / "tasks"
@@ -95,15 +96,15 @@ class ParsedAnswer:
     reason: Optional[str]
 
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def split_reasoning(raw: str) -> tuple[Optional[str], str, bool]:
     """Split a teacher output into (reasoning, visible answer, finished).
 
-    Handles both `<think>...</think>answer` and the Qwen3-Thinking style where the chat template already opened
-    the think block, so the output holds only `...</think>answer`. `finished` is False when a think block was
-    opened and never closed (the teacher ran out of tokens while thinking).
+    Handles `<think>...</think>answer`, and the Qwen3-Thinking style where the chat template already opened the
+    think block, so the engine's text holds only `...</think>answer`: pass it through distill.chat.teacher_output,
+    which puts back the opening tag. `finished` is False when a think block was opened and never closed (the
+    teacher ran out of tokens while thinking): then there is no answer, whatever the reasoning says.
     """
     if THINK_CLOSE in raw:
         head, _, tail = raw.rpartition(THINK_CLOSE)

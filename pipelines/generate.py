@@ -11,55 +11,27 @@
 3. Accounting: every input row is in exactly one of data/ and rejects/; manifest.json proves it with counts.
 
 Rerunning the same command into the same output after a crash finishes only the ids that are missing. Each
-step's machinery is in distill.generation.
+step's machinery is in distill.generate.steps.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
-from pydantic import Field
-
+from distill.chat import opens_reasoning
 from distill.checkpoints import AttemptClock
-from distill.config import StrictModel, check_settings
-from distill.engine import EngineConfig, engine_facts
-from distill.generation import (account, attempt_dir, data_dir, prepare, rejects_dir, run_attempt,
-                                settings_fingerprint)
-from distill.models import default_model_dir, sample_data_path
+from distill.config import ConfigError, check_settings
+from distill.engine import engine_facts
+from distill.generate.config import GenerateConfig
+from distill.generate.steps import (account, attempt_dir, data_dir, prepare, rejects_dir, run_attempt,
+                                    settings_fingerprint)
 from distill.sampling import teacher_sampling
 from distill.storage import clean_temporaries, join, read_json, write_json
 from distill.tasks import load_task
 
 log = logging.getLogger("distill.generate")
-
-
-class GenerateConfig(StrictModel):
-    task: str = Field("language-id", description="Built-in task name or path to a task YAML.")
-    input: str = Field(str(sample_data_path()), description="Queries: .txt/.jsonl/.parquet file or folder, or URI.")
-    output: str = Field("runs/generate", description="Output directory or URI (data/, rejects/, manifest.json).")
-    teacher: str = Field(default_model_dir(), description="Teacher model: a local folder or a hub name.")
-    limit: Optional[int] = Field(None, ge=1, description="Use only the first N input rows.")
-    sample: Optional[int] = Field(
-        None, ge=1, description="Use N rows spread over the whole input (those whose id hashes lowest: the same rows "
-        "on every run; a file sorted by label still yields every label). The input is read twice.")
-    text_column: str = Field("text", description="Column holding the query text (.jsonl/.parquet).")
-    id_column: str = Field("id", description="Column holding a stable id; ids are derived from the text if absent.")
-    label_column: str = Field("label", description="Column holding a gold label, if any (kept for evaluation).")
-    temperature: Optional[float] = Field(None, ge=0, description="Override the task's teacher temperature.")
-    max_tokens: Optional[int] = Field(None, ge=1, description="Override the task's teacher max_tokens.")
-    samples: int = Field(1, ge=1, description="Teacher samples per query; >1 takes the majority answer.")
-    retries: int = Field(2, ge=0, description="Extra attempts (new seed) for unparseable answers before rejecting.")
-    logprobs: int = Field(
-        20, ge=0, le=20, description="Keep the teacher's top-k logprobs per answer token (0: off): the soft labels "
-        "training mixes in when the student shares the teacher's tokenizer. On by default: vLLM returns them "
-        "with the tokens it samples anyway (20 is vLLM's max_logprobs).")
-    seed: int = Field(0, description="Engine sampling seed; attempt k uses seed + k.")
-    rows_per_shard: int = Field(1000, ge=1, description="Rows per output Parquet shard.")
-    flush_seconds: float = Field(60.0, gt=0, description="Write a shard at least this often while rows arrive.")
-    progress_seconds: float = Field(10.0, gt=0, description="How often progress is logged.")
-    engine: EngineConfig = Field(default_factory=EngineConfig, description="vLLM engines and their actor pool.")
 
 
 def main(config: GenerateConfig) -> dict[str, Any]:
@@ -77,12 +49,25 @@ def main(config: GenerateConfig) -> dict[str, Any]:
     if existing is not None and existing.get("complete"):
         log.info("%s is complete already (%d rows written); nothing to do", out, existing["rows_written"])
         return existing
+    # Before any work: does the teacher's template open a think block (Qwen3-*-Thinking-2507)?
+    tokenizer = AutoTokenizer.from_pretrained(config.teacher)
+    template_kwargs = {"enable_thinking": task.teacher.thinks}
+    opened = opens_reasoning(tokenizer, task.teacher_messages("?"), template_kwargs)
+    if opened and "structured_outputs" in sampling:
+        raise ConfigError(
+            f"task {task.name!r} constrains the teacher to its answers (teacher.constrained), but the chat "
+            f"template of {config.teacher} opens a think block: the answer would be forced inside the reasoning, "
+            "which never closes. Use a task with teacher.thinks: true and constrained: false (for example "
+            "configs/tasks/language-id-thinking.yaml)")
+    if opened:
+        log.info("the teacher's template opens the think block: an output without </think> is an unfinished "
+                 "reasoning, never an answer")
+
     with AttemptClock(out) as clock:
         t0 = time.monotonic()
         # 1. Prepare
         for d in (data_dir(out), rejects_dir(out)):
             clean_temporaries(d)
-        tokenizer = AutoTokenizer.from_pretrained(config.teacher)
         prepared = prepare(config, task, tokenizer, sampling)
 
         # 2. Teacher pass: the first attempt, then retries of the unparseable answers
@@ -94,7 +79,7 @@ def main(config: GenerateConfig) -> dict[str, Any]:
         if prepared["queries"]:
             for attempt in range(config.retries + 1):
                 clean_temporaries(attempt_dir(out, attempt + 1))
-                counts = run_attempt(config, task, sampling, attempt)
+                counts = run_attempt(config, task, sampling, attempt, opened)
                 if counts:
                     attempts[str(attempt)] = dict(counts)
 
@@ -107,6 +92,7 @@ def main(config: GenerateConfig) -> dict[str, Any]:
             "prompt_tokens_per_query": prepared["prompt_tokens"],
             "sampling": {k: v for k, v in sampling.items() if k != "structured_outputs"},
             "constrained": "structured_outputs" in sampling,
+            "template_opens_reasoning": opened,
             "samples": config.samples, "retries": config.retries, "engine": engine,
             "timings": {"prepare_s": round(prepared["seconds"], 3),
                         "total_s_this_run": round(time.monotonic() - t0, 3),

@@ -19,11 +19,11 @@ from typing import Any, Literal, Optional
 from pydantic import Field, model_validator
 
 from distill.config import StrictModel, build_config
-from distill.models import default_model_dir, sample_data_path
+from distill.local_models import default_model_dir, sample_data_path
 from distill.storage import join, read_json, write_json
-from pipelines.evaluate import EvalConfig
-from pipelines.generate import GenerateConfig
-from pipelines.train import TrainConfig
+from distill.evaluate.config import EvalConfig
+from distill.generate.config import GenerateConfig
+from distill.train.config import TrainConfig
 
 log = logging.getLogger("distill.run")
 
@@ -157,7 +157,7 @@ def add_cli(subparsers) -> None:
 
 def _cli(args) -> None:
     from distill.config import config_from_args
-    from distill.report import headline_lines
+    from distill.evaluate.render import headline_lines
 
     config = config_from_args(RunConfig, args)
     record = main(config)

@@ -9,7 +9,7 @@ never an exception, so a bad request cannot look like a failing replica.
 Adapters may be local folders or object-store URIs (s3://, gs://): vLLM reads only local files, so the replica
 that loads an adapter downloads it first (distill.storage.local_dir) and removes the download when it shuts down.
 
-Every answer of the served task carries its confidence, `distill.evaluation.confidence` over the logprobs of the
+Every answer of the served task carries its confidence, `distill.evaluate.scores.confidence` over the logprobs of the
 answer's own tokens (the number the evaluation report's selective section uses): each request asks the engine for
 logprobs=1, the sampled token's logprob, which vLLM computes after the grammar mask of guided decoding, so for a
 guided label answer it is normalised over the allowed labels. A thinking teacher's reasoning tokens are left out
@@ -26,10 +26,11 @@ import uuid
 from typing import AsyncIterator, Optional
 
 from distill.engine import adapter_rank, vllm_max_lora_rank
-from distill.evaluation import confidence
+from distill.selective import confidence
 from distill.sampling import guided_choice
 from distill.storage import local_dir
-from distill.tasks import THINK_CLOSE, THINK_OPEN, TaskSpec, load_task, split_reasoning
+from distill.chat import THINK_CLOSE, prompt_opens_reasoning, teacher_output
+from distill.tasks import TaskSpec, load_task, split_reasoning
 from serve.config import StudentArmConfig, TeacherArmConfig
 from serve.protocol import ThinkSplitter
 
@@ -66,7 +67,7 @@ def sampled_logprobs(output) -> tuple[list[float], list[str]]:
 def answer_confidence(task: TaskSpec, lps: list[float], texts: list[str]) -> Optional[float]:
     """The confidence of an answer from its tokens' logprobs, reasoning excluded (see the module docstring)."""
     if THINK_CLOSE in "".join(texts):
-        from distill.generation import answer_start  # the tokens after </think>, as generation aligns them
+        from distill.chat import answer_start  # the tokens after </think>, as generation aligns them
 
         start = answer_start(texts)
         lps = lps[start:]
@@ -194,7 +195,7 @@ class LLMArm:
             "prompt": TokensPrompt(prompt_token_ids=prompt_ids), "params": params, "lora": lora,
             "prompt_tokens": len(prompt_ids), "scored": scored,
             # Qwen3-Thinking style templates open the think block themselves: the output starts inside it.
-            "think_opened": prompt_text.rstrip().endswith(THINK_OPEN),
+            "think_opened": prompt_opens_reasoning(prompt_text),
             "request_id": f"{self.role}-{req.get('request_id') or uuid.uuid4().hex}",
         }
 
@@ -211,11 +212,11 @@ class LLMArm:
                                               lora_request=prep["lora"]):
             final = out
         output = final.outputs[0]
-        raw = output.text
         if self.role == TEACHER_ROLE:
-            reasoning, visible, _ = split_reasoning(("<think>" if prep["think_opened"] else "") + raw)
+            raw = teacher_output(output.text, prep["think_opened"])  # what capture and shadows parse too
+            reasoning, visible, _ = split_reasoning(raw)
         else:
-            reasoning, visible = None, raw
+            raw, reasoning, visible = output.text, None, output.text
         return {"text": visible, "reasoning": reasoning, "raw": raw, "prompt_tokens": prep["prompt_tokens"],
                 "cached_tokens": final.num_cached_tokens or 0, "completion_tokens": len(output.token_ids),
                 "finish_reason": output.finish_reason or "stop",
@@ -258,5 +259,6 @@ class LLMArm:
             if reasoning or content:
                 yield {"reasoning": reasoning, "content": content}
         yield {"done": True, "finish_reason": finish_reason or "stop", "prompt_tokens": prep["prompt_tokens"],
-               "cached_tokens": cached_tokens, "completion_tokens": completion_tokens, "raw": "".join(raw),
+               "cached_tokens": cached_tokens, "completion_tokens": completion_tokens,
+               "raw": teacher_output("".join(raw), prep["think_opened"]) if splitter else "".join(raw),
                "confidence": answer_confidence(self.task, lps, texts) if prep["scored"] else None}

@@ -7,13 +7,96 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from distill.config import StrictModel
+from distill.config import ConfigError, StrictModel
 from distill.cost import CostConfig
 from distill.engine import EngineConfig
-from distill.models import default_model_dir
-from serve.router import RolloutConfig
+from distill.local_models import default_model_dir
+from distill.tasks import TaskSpec
+from serve.selective import CASCADE, CascadeConfig, DriftConfig, check_threshold
 
 TEACHER_MODEL, STUDENT_MODEL = "teacher", "student"
+
+
+class RolloutConfig(StrictModel):
+    student_share: float = Field(
+        0.01, ge=0.0, le=1.0, description="Fraction of the routed model's traffic the student serves at start "
+        "(staged rollout: 0.01 -> 0.1 -> 0.5 -> 1.0; change it at runtime with POST /admin/share). A gateway "
+        "that finds persisted state for the same task, teacher, student and adapter resumes from that instead.")
+    sticky: bool = Field(True, description="Requests that carry a user id always get the same arm for a share.")
+    user_header: str = Field("x-user-id", description="Header read for the user id when the body has no `user`.")
+    shadow_sample_rate: float = Field(
+        0.1, ge=0.0, le=1.0, description="Fraction of student-served routed requests also sent to the teacher "
+        "in the background to measure live agreement (0: shadow off).")
+    max_shadow_in_flight: int = Field(
+        8, ge=1, description="Shadow requests waiting on the teacher at once; more are skipped (and counted) so "
+        "that shadowing never queues up behind production traffic.")
+    error_window: int = Field(200, ge=1, description="Routed student requests the error rate is computed over.")
+    min_error_samples: int = Field(
+        20, ge=1, description="Routed student requests needed in the window before errors can trigger a rollback.")
+    max_error_rate: Optional[float] = Field(
+        0.05, ge=0.0, le=1.0, description="Roll back when the fraction of failed routed student requests over the "
+        "window exceeds this. Failed: a 5xx from the student (engine failure, replica lost, timeout) or, for "
+        "label tasks, an answer that names no label. 4xx (the client's fault) and client disconnects do not "
+        "count either way. null turns the rule off.")
+    agreement_window: int = Field(
+        200, ge=1, description="Judged shadow comparisons that live agreement and similarity are computed over.")
+    min_agreement_samples: int = Field(
+        50, ge=1, description="Comparisons needed in the window before agreement or similarity can trigger a "
+        "rollback.")
+    min_agreement: Optional[float] = Field(
+        0.9, ge=0.0, le=1.0, description="Label tasks: roll back when the fraction of shadow comparisons whose "
+        "labels agree falls below this; null turns the rule off. Free-text tasks refuse it: exact agreement of "
+        "free text is rare between two good answers (use min_similarity).")
+    min_similarity: Optional[float] = Field(
+        None, ge=0.0, le=1.0, description="Free-text tasks: roll back when the mean ROUGE-L F1 of the student's "
+        "answers to the teacher's (distill.agreement, as in the evaluation report) over the window falls below "
+        "this. Default null: no agreement rule for free text, since paraphrases of one answer share few words and "
+        "a fair limit depends on the task; set it from the report's similarity of a student you accept. Label "
+        "tasks refuse it (use min_agreement).")
+    latency_window: int = Field(
+        200, ge=1, description="Routed student requests its rollback p95 latency is computed over.")
+    min_latency_samples: int = Field(
+        20, ge=1, description="Routed student requests needed in the window before latency can trigger a rollback.")
+    max_student_p95_s: Optional[float] = Field(
+        10.0, gt=0, description="Roll back when the student's p95 latency (seconds, end to end at the gateway) "
+        "exceeds this; null turns the latency rule off.")
+    stats_window: int = Field(2048, ge=16, description="Latencies per arm kept for the p50/p95 in /stats.")
+    max_events: int = Field(100, ge=1, description="Rollout events (share changes, rollbacks) kept for /stats.")
+    state_uri: Optional[str] = Field(
+        None, description="Where the rollout state (share, stage, windows, events) is persisted so that a "
+        "restarted gateway resumes it. null: a detached Ray actor on the head node, named after the application; "
+        "it survives gateway restarts and in-place Serve upgrades, not a new cluster. A path or s3:// / gs:// URI "
+        "of a JSON file survives those too (a RayService upgrade that replaces the cluster).")
+    persist_interval_s: float = Field(
+        2.0, gt=0, description="Seconds between saves of window updates; share changes and rollbacks are saved "
+        "at once.")
+    mode: Literal["split", "cascade"] = Field(
+        "split", description="split: the student's share of the routed traffic is answered by the student. "
+        "cascade: that share asks the student first and, when its confidence is below cascade.threshold, sends "
+        "the same request on to the teacher and returns the teacher's answer. Changeable at runtime (POST "
+        "/admin/cascade); a resumed rollout keeps the mode it had.")
+    cascade: CascadeConfig = Field(default_factory=CascadeConfig, description="The cascade's threshold.")
+    drift: DriftConfig = Field(default_factory=DriftConfig, description="Drift of the live labels and deferral "
+                               "rate against the training data and the report.")
+
+
+def check_rules(config: RolloutConfig, task: TaskSpec) -> None:
+    """Refuse agreement limits and cascade thresholds that do not fit the task's answers, and a cascade without
+    a threshold (a ConfigError, before any engine starts; run after cascade.threshold_from is read)."""
+    if config.cascade.threshold is not None:
+        try:
+            check_threshold(task, config.cascade.threshold)
+        except ValueError as err:
+            raise ConfigError(f"rollout.cascade.threshold: {err}") from None
+    elif config.mode == CASCADE:
+        raise ConfigError("rollout.mode cascade needs a threshold: set rollout.cascade.threshold, or "
+                          "rollout.cascade.threshold_from to the report.json of `distill eval`")
+    if task.answer.type == "labels" and config.min_similarity is not None:
+        raise ConfigError(f"rollout.min_similarity applies to free-text tasks; {task.name!r} has labels: use "
+                          f"rollout.min_agreement")
+    if task.answer.type != "labels" and "min_agreement" in config.model_fields_set:
+        raise ConfigError(f"rollout.min_agreement applies to label tasks; {task.name!r} answers in free text, "
+                          f"where exact agreement is rare between two good answers: use rollout.min_similarity")
 
 
 class ArmConfig(StrictModel):

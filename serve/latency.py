@@ -24,9 +24,9 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from distill.config import StrictModel
-from distill.models import sample_data_path
+from distill.local_models import sample_data_path
 from serve.config import STUDENT_MODEL, TEACHER_MODEL, ServeConfig
-from serve.router import quantile
+from distill.metrics import quantile
 
 log = logging.getLogger("distill.serve.latency")
 

@@ -9,7 +9,26 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distill.tasks import THINK_CLOSE, THINK_OPEN
+from distill.chat import THINK_CLOSE, THINK_OPEN
+
+
+# distill's own headers on every answer (see serve/gateway.py)
+ARM_HEADER = "x-distill-arm"
+CONFIDENCE_HEADER = "x-distill-confidence"
+CASCADE_HEADER = "x-distill-cascade"
+STUDENT_CONFIDENCE_HEADER = "x-distill-student-confidence"
+GATEWAY_HEADER = "x-distill-gateway-ms"
+
+
+def answer_headers(arm: str, confidence: Optional[float], cascade: Optional[dict]) -> dict[str, str]:
+    headers = {ARM_HEADER: arm}
+    if confidence is not None:
+        headers[CONFIDENCE_HEADER] = repr(confidence)
+    if cascade is not None:
+        headers[CASCADE_HEADER] = cascade["decision"]
+        if cascade["student_confidence"] is not None:
+            headers[STUDENT_CONFIDENCE_HEADER] = repr(cascade["student_confidence"])
+    return headers
 
 
 class TextPart(BaseModel):

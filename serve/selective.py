@@ -1,10 +1,10 @@
 """Selective serving: the cascade (the student answers when it is confident, the teacher when it is not), what
 it saves, and the drift signal (is live traffic still the traffic the student was distilled on?).
 
-Plain Python with no Ray or vLLM in it, like serve/router.py, which owns one `Cascade`, one `Savings` and one
+Plain Python with no Ray or vLLM in it, like serve/rollout.py, which owns one `Cascade`, one `Savings` and one
 `Drift`, records into them and persists their state with the rest of the rollout.
 
-- Confidence is `distill.evaluation.confidence`, the number the evaluation report's selective section is computed
+- Confidence is `distill.evaluate.scores.confidence`, the number the evaluation report's selective section is computed
   from: for label tasks the probability of the label the student gave (the product over its tokens; under guided
   decoding vLLM's logprobs are taken after the grammar mask, so normalised over the allowed labels), for free text
   the mean log-probability per answer token. A label task's threshold is a probability in [0, 1]; a free-text

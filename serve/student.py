@@ -9,7 +9,7 @@ once and serves the merged model; several adapters on one base, or `serving: lor
 
 The merged model is cached beside the adapter (`<adapter>-merged`, or `student.merged_dir`) with a marker file
 naming the base and the sha256 of the adapter's files: a later start with the same adapter reuses it, a retrained
-adapter is merged again. The merge is `distill.modeling.merge_adapter`, run as a Ray task (so on a worker node, and
+adapter is merged again. The merge is `distill.student_model.merge_adapter`, run as a Ray task (so on a worker node, and
 the result lands where every node reads it).
 """
 
@@ -46,7 +46,7 @@ class StudentServing:
 
 
 def has_experts(adapter: str) -> bool:
-    from distill.modeling import adapter_has_experts
+    from distill.student_model import adapter_has_experts
 
     return adapter_has_experts(read_json(join(adapter, "adapter_config.json")) or {})
 
@@ -98,7 +98,7 @@ def merged_location(adapter: str, merged_dir: Optional[str]) -> str:
 def fold(base: str, adapter: str, dest: str) -> tuple[str, bool]:
     """The merged model at `dest`, merged now unless a merge of the same base and adapter is there already.
     Returns (sha256 of the adapter, merged now)."""
-    from distill.modeling import merge_adapter_on_cluster
+    from distill.student_model import merge_adapter_on_cluster
 
     expected = {"base": base, "adapter": adapter, "adapter_sha256": adapter_digest(adapter)}
     marker = read_json(join(dest, MARKER)) or {}

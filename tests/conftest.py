@@ -9,13 +9,19 @@ import socket
 
 import pytest
 
-from distill.models import build_tiny_model, default_model_dir, is_prepared, tiny_model_dir
+from distill.local_models import build_tiny_model, default_model_dir, is_prepared, tiny_model_dir
 
 
 @pytest.fixture(scope="session")
 def tiny_model() -> str:
     """A random-init Llama with a locally trained tokenizer (built once; seconds)."""
     return str(build_tiny_model(tiny_model_dir()))
+
+
+@pytest.fixture(scope="session")
+def tiny_thinking() -> str:
+    """The tiny model with a chat template that opens the think block, as the seeds' Thinking-2507 teacher's does."""
+    return str(build_tiny_model(tiny_model_dir(thinking=True), thinking=True))
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +68,7 @@ def tiny_generation(ray_cluster, tiny_model, tmp_path_factory) -> str:
     """Teacher data from the real generation pipeline (the tiny teacher, 24 rows, its top-5 logprobs kept for soft
     labels), generated once and read by the training tests of several modules. Read-only: a test that writes
     next to it uses its own folder."""
-    from pipelines.generate import GenerateConfig
+    from distill.generate.config import GenerateConfig
     from pipelines.generate import main as run_generation
 
     out = str(tmp_path_factory.mktemp("tiny-generation"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.cli import build_parser
+from pipelines.cli import build_parser
 from distill.config import ConfigError, config_from_args
 
 
@@ -15,7 +15,7 @@ def parse(*argv):
 
 
 def test_train_options_come_from_train_config(tmp_path):
-    from pipelines.train import TrainConfig
+    from distill.train.config import TrainConfig
 
     yaml_file = tmp_path / "train.yaml"
     yaml_file.write_text("data: from-yaml\nmax_steps: 7\nlora: {rank: 16}\n")
@@ -28,7 +28,7 @@ def test_train_options_come_from_train_config(tmp_path):
 
 
 def test_every_scalar_field_has_its_option_and_its_description_as_help(capsys):
-    from pipelines.evaluate import EvalConfig
+    from distill.evaluate.config import EvalConfig
 
     with pytest.raises(SystemExit):
         parse("eval", "--help")

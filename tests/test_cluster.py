@@ -51,7 +51,7 @@ def cluster_env(endpoint: str) -> dict[str, str]:
 def installation_under_tmp() -> list[Path]:
     """What a worker node needs from this machine's disk that lies under /tmp (a checkout cloned there, as CI
     may do, carries the environment): hidden by the node's private /tmp, it is mounted back. Outermost paths only."""
-    from distill.models import models_home
+    from distill.local_models import models_home
 
     needed = {p.resolve() for p in (REPO, Path(sys.prefix), Path(sys.base_prefix), models_home()) if p.exists()}
     tmp = Path("/tmp").resolve()
@@ -197,7 +197,7 @@ def cluster(s3, tmp_path_factory, free_port):
 
 
 def sample_rows(n: int, copies: int = 1, step: int = 1) -> list[dict]:
-    from distill.models import sample_data_path
+    from distill.local_models import sample_data_path
 
     rows = [json.loads(line) for line in sample_data_path().open(encoding="utf-8")][::step][:n]
     return [{"id": f"{r['id']}-{c}", "text": r["text"], "label": r["label"]} for c in range(copies) for r in rows]

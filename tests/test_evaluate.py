@@ -120,7 +120,8 @@ def trained(generated, tiny_model, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def evaluated(trained) -> tuple[str, dict]:
-    from pipelines.evaluate import EvalConfig, main
+    from distill.evaluate.config import EvalConfig
+    from pipelines.evaluate import main
 
     out = str(Path(trained).parent / "report")
     report = main(EvalConfig(train=trained, output=out))
@@ -139,7 +140,7 @@ def test_scored_tokens_are_the_answer_through_its_end_of_turn(tiny_model, genera
     engine renders (the same split of a conversation that training uses)."""
     from transformers import AutoTokenizer
 
-    from distill.evaluation import answer_tokens
+    from distill.evaluate.scores import answer_tokens
     from distill.tasks import load_task
 
     task = load_task("language-id")
@@ -155,8 +156,8 @@ def test_scored_tokens_are_the_answer_through_its_end_of_turn(tiny_model, genera
 
 def test_heldout_rows_come_from_the_training_split_or_all_of_data(generated, trained, tiny_model):
     from distill.config import ConfigError
-    from distill.eval_inputs import resolve_inputs
-    from pipelines.evaluate import EvalConfig
+    from distill.evaluate.inputs import resolve_inputs
+    from distill.evaluate.config import EvalConfig
 
     inputs = resolve_inputs(EvalConfig(train=trained))
     assert {r["id"] for r in inputs.rows} == _split_ids(trained, "test")
@@ -185,7 +186,7 @@ def test_heldout_rows_come_from_the_training_split_or_all_of_data(generated, tra
 
 
 def test_cli_registers_eval():
-    from distill.cli import build_parser
+    from pipelines.cli import build_parser
 
     args = build_parser().parse_args(["eval", "--train", "OUT", "--output", "R", "--limit", "5"])
     assert (args.train, args.output, args.limit) == ("OUT", "R", 5)
@@ -196,7 +197,7 @@ def test_cli_registers_eval():
 def test_full_report_with_the_tiny_model(evaluated, trained, tiny_model):
     from transformers import AutoTokenizer
 
-    from distill.report import REPORT_KEYS
+    from distill.evaluate.render import REPORT_KEYS
     from distill.tasks import load_task
 
     out, report = evaluated

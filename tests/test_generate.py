@@ -16,11 +16,12 @@ import pytest
 
 from distill.formats import DATA_SCHEMA, REJECT_SCHEMA
 from distill.inputs import content_id
-from distill.models import sample_data_path
+from distill.local_models import sample_data_path
 from distill.processes import kill_session
 from distill.storage import read_columns
 from distill.tasks import load_task
-from pipelines.generate import GenerateConfig, main
+from distill.generate.config import GenerateConfig
+from pipelines.generate import main
 
 SAMPLE = [json.loads(line) for line in sample_data_path().open(encoding="utf-8")]
 
@@ -120,6 +121,28 @@ def test_unparseable_answers_are_retried_then_rejected(tmp_path, ray_cluster, ti
     assert all(t for t in rejects.column("teacher_output").to_pylist())
 
 
+def test_a_thinking_teacher_cut_by_its_budget_is_rejected_as_unfinished_never_parsed(tmp_path, ray_cluster,
+                                                                                      tiny_thinking):
+    """The thinking double's template opens the think block (as Thinking-2507's does) and 8 tokens never close
+    it: each query is rejected as an unfinished reasoning, not read as an answer. A task that constrains the
+    teacher's output is refused before any engine starts: the answer would be forced inside the reasoning."""
+    from distill.config import ConfigError
+
+    source = write_jsonl(tmp_path / "q.jsonl", [{"id": r["id"], "text": r["text"]} for r in SAMPLE[:6]])
+    with pytest.raises(ConfigError, match="opens a think block"):
+        main(GenerateConfig(task="language-id", input=source, output=str(tmp_path / "constrained"),
+                            teacher=tiny_thinking))
+    out = str(tmp_path / "gen")
+    thinking_task = Path(__file__).resolve().parents[1] / "configs" / "tasks" / "language-id-thinking.yaml"
+    manifest = main(GenerateConfig(task=str(thinking_task), input=source, output=out, teacher=tiny_thinking,
+                                   max_tokens=8, retries=0, logprobs=0))
+    assert manifest["template_opens_reasoning"] is True
+    assert manifest["rows_written"] == 0 and manifest["rows_rejected"] == 6
+    _, rejects, _ = outputs(out)
+    assert set(rejects.column("reason").to_pylist()) == {
+        "teacher: reasoning not finished (raise max_tokens) (after 1 attempt(s))"}
+
+
 def test_killed_run_resumes_with_each_id_exactly_once(tmp_path, ray_cluster, tiny_model):
     """Kill -9 a generation run after its first shards land, rerun into the same output: every id once."""
     # 120 queries: the kill comes within 0.2 s of the second 4-row shard, far before the last one.
@@ -130,7 +153,7 @@ def test_killed_run_resumes_with_each_id_exactly_once(tmp_path, ray_cluster, tin
     config.write_text(json.dumps({"rows_per_shard": 4, "flush_seconds": 1,
                                   "engine": {"batch_size": 4, "max_concurrent_batches": 1}}))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "distill.cli", "generate", "--input", source, "--output", str(out),
+    cmd = [sys.executable, "-m", "pipelines.cli", "generate", "--input", source, "--output", str(out),
            "--teacher", tiny_model, "--config", str(config)]
     log = open(tmp_path / "killed.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -9,6 +9,7 @@ import math
 import pytest
 
 from distill import metrics as M
+from distill.evaluate.inputs import request_key
 
 
 def approx(x, abs: float = 1e-12):
@@ -208,16 +209,16 @@ def _result(text, prompt_tokens, output_tokens, latency, logprobs=None):
 
 
 def _results(rows, outputs, samples, scores, tokens):
-    """Engine results keyed like the requests of distill.eval_inputs.plan_requests: "<id>|answer", "|sample",
-    "|a", "|b", "|c"."""
+    """Engine results keyed like the requests of distill.evaluate.inputs.plan_requests (request_key: answer,
+    sample, a, b, c)."""
     results = {run: {} for run in outputs}
     for i, r in enumerate(rows):
         for run in outputs:
             prompt, out, latency = tokens[run]
-            results[run][f"{r['id']}|answer"] = _result(outputs[run][i], prompt, out, latency, [-0.1] * out)
-        results["teacher"][f"{r['id']}|sample"] = _result(samples[i], tokens["teacher"][0], 5, 1.0)
+            results[run][request_key(r["id"], "answer")] = _result(outputs[run][i], prompt, out, latency, [-0.1] * out)
+        results["teacher"][request_key(r["id"], "sample")] = _result(samples[i], tokens["teacher"][0], 5, 1.0)
         for kind, run in (("a", "base"), ("b", "base"), ("c", "student")):
-            results[run][f"{r['id']}|{kind}"] = _result("", 10, 2, 0.05, scores[kind])
+            results[run][request_key(r["id"], kind)] = _result("", 10, 2, 0.05, scores[kind])
     return results
 
 
@@ -229,12 +230,12 @@ def tokenizer(tiny_model):
 
 
 def test_build_and_write_report_by_hand(tmp_path, tokenizer):
-    from distill.evaluation import shared_prefix_tokens
-    from distill.report import REPORT_KEYS, headline_lines, write_report
+    from distill.evaluate.scores import shared_prefix_tokens
+    from distill.evaluate.render import REPORT_KEYS, headline_lines, write_report
     from distill.tasks import load_task
-    from distill.eval_inputs import Inputs
-    from distill.eval_report import build_report
-    from pipelines.evaluate import EvalConfig
+    from distill.evaluate.inputs import EnginePass, Inputs
+    from distill.evaluate.sections import build_report
+    from distill.evaluate.config import EvalConfig
 
     task = load_task("language-id")
     rows = [{"id": "q1", "text": "Hello there", "answer": "Final Answer: en", "gold": "en"},
@@ -262,11 +263,12 @@ def test_build_and_write_report_by_hand(tmp_path, tokenizer):
                              {"id": "s2", "text": "Salut", "answer": "Final Answer: fr", "gold": None}]
     for sid, teacher_out, student_out, lp in (("s1", "Final Answer: en", "Final Answer: en", -0.01),
                                               ("s2", "Final Answer: fr", "Final Answer: de", -0.5)):
-        results["teacher"][f"{sid}|answer"] = _result(teacher_out, 2000, 10, 0.4, [-0.1] * 10)
-        results["student"][f"{sid}|answer"] = _result(student_out, 20, 4, 0.1, [lp] * 4)
+        results["teacher"][request_key(sid, "answer")] = _result(teacher_out, 2000, 10, 0.4, [-0.1] * 10)
+        results["student"][request_key(sid, "answer")] = _result(student_out, 20, 4, 0.1, [lp] * 4)
     config = EvalConfig(train="OUT", output=str(tmp_path))
-    report, details = build_report(config, inputs, results, {"teacher": 10.0, "student": 5.0, "base": 5.0},
-                                   {"context_lengths": [900] * 4}, "merged", tokenizer, seconds=36.0)
+    passes = {run: EnginePass(results[run], wall) for run, wall in (("teacher", 10.0), ("student", 5.0), ("base", 5.0))}
+    report, details = build_report(config, inputs, passes, {"context_lengths": [900] * 4}, "merged", tokenizer,
+                                   seconds=36.0)
     sel = report["selective"]
     assert sel["target_agreement"] == 0.9 and sel["threshold"] == approx(math.exp(-0.04))
     assert sel["selection"]["rows"] == 2 and sel["heldout"]["curve"] == [
@@ -332,11 +334,11 @@ def test_build_and_write_report_by_hand(tmp_path, tokenizer):
 
 
 def test_free_text_report_has_similarity_and_no_label_sections(tmp_path, tokenizer):
-    from distill.report import REPORT_KEYS, write_report
+    from distill.evaluate.render import REPORT_KEYS, write_report
     from distill.tasks import load_task
-    from distill.eval_inputs import Inputs
-    from distill.eval_report import build_report
-    from pipelines.evaluate import EvalConfig
+    from distill.evaluate.inputs import EnginePass, Inputs
+    from distill.evaluate.sections import build_report
+    from distill.evaluate.config import EvalConfig
 
     task = load_task("persona")
     rows = [{"id": "q1", "text": "How is your hearing?", "answer": "It fails me, Himmel!", "gold": None},
@@ -349,9 +351,9 @@ def test_free_text_report_has_similarity_and_no_label_sections(tmp_path, tokeniz
     results = _results(rows, outputs, outputs["teacher"], scores, tokens)
     inputs = Inputs(rows=rows, task=task, teacher="T", student="S", adapter="A", data="D", train=None,
                     summary=None, manifest=None)
-    report, details = build_report(EvalConfig(data="D", output=str(tmp_path)), inputs, results,
-                                   {"teacher": 1.0, "student": 1.0, "base": 1.0}, {"context_lengths": [400, 400]},
-                                   "merged", tokenizer, seconds=1.0)
+    passes = {run: EnginePass(results[run], 1.0) for run in ("teacher", "student", "base")}
+    report, details = build_report(EvalConfig(data="D", output=str(tmp_path)), inputs, passes,
+                                   {"context_lengths": [400, 400]}, "merged", tokenizer, seconds=1.0)
     assert report["labels"] is None and report["gold"] is None
     assert report["headline"]["agreement"] is None and report["fidelity"]["student"]["kappa"] is None
     # row 1 identical; row 2 "the ninth, of course" vs "the missa solemnis": LCS 1 word of 4 and 3 -> 2/7

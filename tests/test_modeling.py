@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distill.config import ConfigError
-from distill.modeling import checkpoint_name, lora_plan
+from distill.student_model import checkpoint_name, lora_plan
 
 
 def load(path: str):
@@ -53,7 +53,7 @@ SHARDED = textwrap.dedent("""
     import torch, torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from distill.modeling import build_sharded_student
+    from distill.student_model import build_sharded_student
 
     model_dir, out, world, rank = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(os.environ["RANK"])
     dist.init_process_group("gloo")

@@ -116,7 +116,8 @@ def test_training_into_s3_resumes_after_a_crash_and_after_a_lost_worker(generate
     """The driver-crash and worker-loss paths of test_train_ray, with OUT in the bucket: the rerun finds Ray
     Train's run and checkpoints there, rank 0 finds its metrics there and drops the lines past the checkpoint."""
     from distill.checkpoints import read_metrics
-    from pipelines.train import TrainConfig, main
+    from distill.train.config import TrainConfig
+    from pipelines.train import main
 
     out = join(s3, "crash")
     crashing = TrainConfig(data=generated, output=out, student=tiny_model, workers=1,

@@ -49,7 +49,7 @@ ENGINE_SCRIPT = textwrap.dedent("""
 def test_forced_decoding_scores_given_tokens_exactly(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.onpolicy import AnswerGrammar
+    from distill.train.onpolicy import AnswerGrammar
     from distill.tasks import load_task
 
     task = load_task("language-id")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distill import selective as S
-from distill.evaluation import selective_section
+from distill.evaluate.scores import selective_section
 
 # Six judged rows and one unjudged (teacher answer unusable: score None), one row without a confidence.
 CONFIDENCE = [0.95, 0.90, 0.90, 0.70, 0.40, None, 0.99]

@@ -19,7 +19,8 @@ from collections import Counter
 import httpx
 import pytest
 
-from serve.router import quantile, user_fraction
+from distill.metrics import quantile
+from serve.rollout import user_fraction
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -811,7 +812,7 @@ def test_captured_teacher_answers_hold_each_query_once_and_train_an_adapter(sele
     import sys
 
     from distill.inputs import content_id
-    from distill.models import sample_data_path
+    from distill.local_models import sample_data_path
 
     url, folders = selective
     texts = [json.loads(line)["text"] for line in sample_data_path().read_text().splitlines()[:60:3]]
@@ -841,7 +842,7 @@ def test_captured_teacher_answers_hold_each_query_once_and_train_an_adapter(sele
         "per_device_batch_size": 2, "gradient_accumulation": 1, "max_steps": 2, "eval_every": 1,
         "validation_fraction": 0.25, "test_fraction": 0.0, "select_by": "loss"}))
     env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-m", "distill.cli", "train", "--data", str(folders["capture"]),
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "--data", str(folders["capture"]),
                            "--output", str(tmp_path / "train"), "--student", tiny_model, "--workers", "1",
                            "--config", str(tmp_path / "train.yaml")],
                           capture_output=True, text=True, timeout=600, env=env)

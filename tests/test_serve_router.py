@@ -17,7 +17,10 @@ from serve.arms import teacher_conversation
 from distill.engine import adapter_rank, vllm_max_lora_rank
 from serve.config import ServeConfig
 from serve.protocol import ChatRequest, ThinkSplitter, validation_message
-from serve.router import STUDENT, TEACHER, Rollout, RolloutConfig, Route, check_rules, quantile, user_fraction
+from distill.metrics import quantile
+from serve.config import RolloutConfig, check_rules
+from serve.metrics import prometheus_text
+from serve.rollout import STUDENT, TEACHER, Rollout, Route, user_fraction
 from serve.state import UriStateStore
 
 LANGID = load_task("language-id")
@@ -170,7 +173,7 @@ def test_error_rate_rolls_back_on_5xx_and_timeouts_but_never_on_4xx():
     assert event["reason"] == "error rate 0.150 over the last 20 routed student requests exceeds 0.1"
     assert event["readings"]["error_rate"] == {"value": 0.15, "limit": 0.1, "samples": 20, "min_samples": 20}
     assert r.snapshot()["rollbacks_by_rule"]["error_rate"] == 1
-    metrics = r.prometheus().splitlines()
+    metrics = prometheus_text(r).splitlines()
     assert 'distill_rollback_firings_total{rule="error_rate"} 1' in metrics
     # The new stage starts with an empty window: its numbers are shown as none yet.
     assert 'distill_rollout_rule_samples{rule="error_rate"} 0' in metrics
@@ -279,7 +282,7 @@ def test_results_of_an_earlier_stage_stay_out_of_the_new_stage_windows():
     assert r.share == 1.0 and not r.comparisons and not r.outcomes and not r.student_latencies
     assert r.stale == {"shadow": 8, "answer": 20, "error": 20} and r.shadow_in_flight == 0
     assert r.snapshot()["stale"] == {"answer": 20, "error": 20, "shadow": 8}
-    assert 'distill_stale_results_total{kind="shadow"} 8' in r.prometheus().splitlines()
+    assert 'distill_stale_results_total{kind="shadow"} 8' in prometheus_text(r).splitlines()
 
 
 def test_share_change_resets_the_windows_and_is_logged():
@@ -342,7 +345,7 @@ def test_prometheus_text_has_every_metric():
     r.record_request(routed(r, TEACHER), 0.5, 100, 3, "Final Answer: en")
     r.record_request(Route(STUDENT), 0.1, 10, 3, "Final Answer: en")
     r.record_error(Route(STUDENT), 400)
-    text = r.prometheus()
+    text = prometheus_text(r)
     for line in ('distill_requests_total{arm="teacher"} 1', 'distill_routed_requests_total{arm="teacher"} 1',
                  'distill_routed_requests_total{arm="student"} 0', 'distill_errors_total{arm="student",status="400"} 1',
                  'distill_tokens_total{arm="teacher",kind="prompt"} 100',
@@ -462,7 +465,7 @@ def test_resolve_config_refuses_adapters_without_one_for_the_task(tmp_path):
 
 
 def test_cli_registers_serve_and_compare_latency():
-    from distill.cli import build_parser
+    from pipelines.cli import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["serve", "--teacher", "T", "--student", "S", "--adapter", "A", "--port", "9001"])
@@ -650,7 +653,7 @@ def test_drift_records_an_event_once_when_the_live_labels_leave_the_training_dis
     for i in range(50):  # back to the training mix: cleared, and armed again
         r.record_request(routed(r, TEACHER), 0.1, 10, 2, f"Final Answer: {'en' if i % 2 else 'fr'}")
     assert r.events[-1]["kind"] == "drift_cleared" and not r.drift.alarmed["labels"]
-    assert 'distill_drift_events_total{signal="labels"} 1' in r.prometheus().splitlines()
+    assert 'distill_drift_events_total{signal="labels"} 1' in prometheus_text(r).splitlines()
     direct = len(r.drift.labels)
     r.record_request(Route(TEACHER), 0.1, 10, 2, "Final Answer: zh")  # not routed: not the production traffic
     assert len(r.drift.labels) == direct
@@ -786,7 +789,7 @@ def test_the_adapter_digest_changes_with_its_contents(tmp_path):
 def test_answer_confidence_is_the_reports_and_leaves_reasoning_out():
     from types import SimpleNamespace
 
-    from distill.evaluation import confidence
+    from distill.selective import confidence
     from serve.arms import answer_confidence, sampled_logprobs
 
     def position(token, logprob, text, other=None):
@@ -869,7 +872,7 @@ def test_a_start_on_0_0_0_0_without_keys_is_refused(monkeypatch, tmp_path):
 
 
 def test_cli_takes_the_selective_serving_options(monkeypatch):
-    from distill.cli import build_parser
+    from pipelines.cli import build_parser
     from serve.cli import _serve_overrides
 
     args = build_parser().parse_args(["serve", "--adapter", "A", "--mode", "cascade", "--threshold-from", "r.json",

@@ -11,7 +11,7 @@ import pytest
 from distill.config import ConfigError, load_config
 from distill.inputs import InputError, content_id, read_queries
 from distill.tasks import builtin_tasks, load_task, split_reasoning
-from pipelines.generate import GenerateConfig
+from distill.generate.config import GenerateConfig
 
 
 def test_builtin_tasks_load_and_render():
@@ -37,6 +37,26 @@ def test_builtin_tasks_load_and_render():
 ])
 def test_split_reasoning(raw, reasoning, visible, finished):
     assert split_reasoning(raw) == (reasoning, visible, finished)
+
+
+def test_a_template_that_opens_the_reasoning_makes_an_output_without_its_end_no_answer(tiny_model, tiny_thinking):
+    """Thinking-2507's template opens the think block itself: an output that never closes it is a reasoning cut by
+    the budget, whatever it was weighing, never an answer; a model that answers directly means what it writes."""
+    from transformers import AutoTokenizer
+
+    from distill.chat import opens_reasoning, teacher_output
+
+    task = load_task("language-id")
+    messages = task.teacher_messages("Bonjour")
+    assert opens_reasoning(AutoTokenizer.from_pretrained(tiny_thinking), messages)
+    assert not opens_reasoning(AutoTokenizer.from_pretrained(tiny_model), messages)
+    weighing = "French? Final Answer: de would be wrong, so"
+    cut = task.parse(teacher_output(weighing, opened=True))
+    assert cut.answer is None and cut.reason == "reasoning not finished (raise max_tokens)"
+    assert cut.reasoning == weighing and cut.visible == ""
+    assert task.parse(teacher_output(weighing, opened=False)).answer == "Final Answer: de"
+    done = task.parse(teacher_output("French.\n</think>\n\nFinal Answer: fr", opened=True))
+    assert done.answer == "Final Answer: fr" and done.reasoning == "French."
 
 
 def test_parse_answers():
@@ -143,8 +163,8 @@ def test_a_sample_of_the_bundled_file_covers_every_label_and_splits_like_the_who
     from collections import Counter
 
     from distill.inputs import read_queries, sampled_positions
-    from distill.models import sample_data_path
-    from distill.training import split_of
+    from distill.local_models import sample_data_path
+    from distill.train.examples import split_of
 
     keep = sampled_positions(str(sample_data_path()), 400)
     rows = list(read_queries(str(sample_data_path()), keep=keep))

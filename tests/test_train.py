@@ -17,10 +17,11 @@ import torch
 from distill.config import ConfigError
 from distill.formats import DATA_SCHEMA
 from distill.storage import resolve
-from distill.train_data import prepare, soft_label_choice
-from distill.training import (IGNORE, StepPlan, TrainDataError, collate, lr_factor, packed_attention, padding_waste,
-                              rank_steps, read_examples, shard_evenly, split_of, token_losses, tokenize_example)
-from pipelines.train import TrainConfig
+from distill.train.data import PreparedData, prepare, soft_label_choice
+from distill.train.examples import (IGNORE, StepPlan, TrainDataError, rank_steps, read_examples, shard_evenly,
+                                    split_of, tokenize_example)
+from distill.train.step import collate, lr_factor, packed_attention, padding_waste, token_losses
+from distill.train.config import TrainConfig
 
 TEXTS = ["Bonjour tout le monde, ceci est un texte.", "Hello", "Alle Menschen sind frei und gleich an Würde.",
          "Todos los seres humanos nacen libres e iguales en dignidad y derechos, dotados como están de razón.",
@@ -39,16 +40,16 @@ def write_data(root, rows: list[dict]) -> str:
     return str(root)
 
 
-def run_prepare(config: TrainConfig, tokenizer) -> dict:
+def run_prepare(config: TrainConfig, tokenizer) -> PreparedData:
     fs, path = resolve(config.output)
     return prepare(config, tokenizer, fs, path)
 
 
-def shard_contents(prepared: dict, accumulation: int) -> list[list]:
+def shard_contents(prepared: PreparedData, accumulation: int) -> list[list]:
     """Per rank: [(step, [[example ids] per micro-batch])] as the workers stream them."""
-    fs, _ = resolve(prepared["shards"][0])
+    fs, _ = resolve(prepared.shards[0])
     return [[(step, [[e.id for e in micro] for micro in micros]) for step, micros in rank_steps(fs, path, 0, accumulation)]
-            for path in prepared["shards"]]
+            for path in prepared.shards]
 
 
 @pytest.fixture(scope="module")
@@ -183,14 +184,14 @@ def test_prepare_never_trains_on_held_out_ids(tmp_path, tiny_model, tokenizer):
     trained = [i for rank in shards for _, micros in rank for micro in micros for i in micro]
     assert Counter(trained) == {i: 2 for i in set(split) - held_out}
     assert all(len(micros) == 2 for rank in shards for _, micros in rank)
-    fs, _ = resolve(prepared["validation"])
-    assert {e.id for e in read_examples(fs, prepared["validation"])} == {i for i, s in split.items() if s == "validation"}
-    assert prepared["split"] == {"train": len(rows) - len(held_out), "excluded": 0,
+    fs, _ = resolve(prepared.validation)
+    assert {e.id for e in read_examples(fs, prepared.validation)} == {i for i, s in split.items() if s == "validation"}
+    assert prepared.split == {"train": len(rows) - len(held_out), "excluded": 0,
                                  **{part: sum(s == part for s in split.values()) for part in ("validation", "test")}}
     assert shard_contents(run_prepare(config, tokenizer), 2) == shards  # deterministic
     # A resumed worker starts at its step: the stream from step 3 is the tail of the whole stream.
-    fs, _ = resolve(prepared["shards"][1])
-    tail = [(s, [[e.id for e in m] for m in ms]) for s, ms in rank_steps(fs, prepared["shards"][1], 3, 2)]
+    fs, _ = resolve(prepared.shards[1])
+    tail = [(s, [[e.id for e in m] for m in ms]) for s, ms in rank_steps(fs, prepared.shards[1], 3, 2)]
     assert tail == [x for x in shards[1] if x[0] >= 3] and tail[0][0] == 3
 
 
@@ -204,7 +205,7 @@ def test_excluded_ids_never_train(tmp_path, tiny_model, tokenizer):
     prepared = run_prepare(config, tokenizer)
     trained = {i for rank in shard_contents(prepared, 1) for _, micros in rank for micro in micros for i in micro}
     assert trained == {r["id"] for r in rows} - {"r001", "r002"}
-    assert prepared["split"]["excluded"] == 2
+    assert prepared.split["excluded"] == 2
 
 
 def test_step_plan_gives_every_rank_the_same_number_of_micro_batches():
@@ -252,7 +253,7 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, tiny_model, tokenizer):
     config = TrainConfig(data=write_data(tmp_path / "gen", good + bad), output=str(tmp_path / "out"),
                          student=tiny_model, max_length=128, validation_fraction=0, test_fraction=0)
     prepared = run_prepare(config, tokenizer)
-    assert prepared["skipped"] == {"no assistant turn": 1, "empty assistant turn": 1, "longer than max_length": 1}
+    assert prepared.skipped == {"no assistant turn": 1, "empty assistant turn": 1, "longer than max_length": 1}
     assert {i for rank in shard_contents(prepared, 4) for _, ms in rank for m in ms for i in m} == {r["id"] for r in good}
 
     config = TrainConfig(data=write_data(tmp_path / "gen2", bad), output=str(tmp_path / "out2"), student=tiny_model,
@@ -341,7 +342,7 @@ def test_soft_labels_that_align_with_no_example_are_an_error(tmp_path, tiny_mode
 def test_soft_labels_align_for_a_thinking_teachers_answer(tokenizer):
     """A thinking teacher's answer tokens come after `</think>` and the whitespace it writes before its answer;
     generation drops both, and training still lines the teacher's top-k up with the student's answer tokens."""
-    from distill.generation import answer_start
+    from distill.chat import answer_start
 
     answer = "Final Answer: fr"
     reasoning = tokenizer("<think>The text has é and à.</think>", add_special_tokens=False)["input_ids"]
@@ -375,7 +376,7 @@ def test_on_policy_loss_is_the_reverse_kl_over_the_teachers_top_k(tokenizer, mod
     """On the student's own tokens, each answer position's loss is KL(student || teacher) over the teacher's top-k
     there plus one bucket for every other token (full-vocabulary probabilities of both); a listed token the teacher
     gives no mass falls into that bucket. The bucket is what penalises a student whose mass lies elsewhere."""
-    from distill.training import Example
+    from distill.train.examples import Example
 
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": TEXTS[0]}], add_generation_prompt=True,
                                            tokenize=False)
@@ -420,7 +421,7 @@ def test_on_policy_loss_is_the_reverse_kl_over_the_teachers_top_k(tokenizer, mod
 
 
 def test_retraining_on_captured_rows_keeps_the_earlier_held_out_rows_held_out():
-    from distill.training import split_keeping
+    from distill.train.examples import split_keeping
 
     earlier = {"a": "train", "b": "test", "c": "validation"}
     held_texts = {"text of b", "text of c"}
@@ -438,7 +439,7 @@ def test_retraining_on_captured_rows_keeps_the_earlier_held_out_rows_held_out():
 def test_an_on_policy_rounds_summary_counts_the_student_samples_that_parse_as_answers(tokenizer):
     """The round record says how many of the student's own samples the task reads as an answer: the first sign of
     a student drifting out of the answer format."""
-    from distill.onpolicy import round_summary
+    from distill.train.onpolicy import round_summary
     from distill.tasks import load_task
 
     task = load_task("language-id")
@@ -457,7 +458,7 @@ def test_on_policy_grammar_accepts_a_students_answer_up_to_where_it_leaves_the_f
     """Which leading student tokens the answer grammar accepts (those the constrained teacher scores): each keeps the
     text a prefix of an answer, end of turn only after a whole one; then the round trains on those positions and
     the one where the student left, and nothing after."""
-    from distill.onpolicy import AnswerGrammar, examples
+    from distill.train.onpolicy import AnswerGrammar, examples
     from distill.tasks import load_task
 
     grammar = AnswerGrammar(tokenizer, load_task("language-id").canonical_answers())
@@ -489,9 +490,9 @@ def test_on_policy_grammar_accepts_a_students_answer_up_to_where_it_leaves_the_f
 
 def test_on_policy_answer_grammar_follows_the_teacher_and_is_an_error_where_the_task_has_none(tokenizer):
     from distill.config import ConfigError
-    from distill.onpolicy import AnswerGrammar, answer_grammar
+    from distill.train.onpolicy import AnswerGrammar, answer_grammar
     from distill.tasks import load_task
-    from pipelines.train import TrainConfig
+    from distill.train.config import TrainConfig
 
     def config(**on_policy):
         return TrainConfig(data="unused", method="on-policy", on_policy=on_policy)

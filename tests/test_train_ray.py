@@ -18,12 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distill.models import default_model_dir
+from distill.local_models import default_model_dir
 from distill.storage import read_columns
-from distill.training import collate, token_losses, tokenize_rows
+from distill.train.examples import tokenize_rows
+from distill.train.step import collate, token_losses
 from distill.checkpoints import read_metrics
-from distill.train_data import read_data
-from pipelines.train import LoraOptions, TrainConfig, main
+from distill.train.data import read_data
+from distill.train.config import LoraOptions, TrainConfig
+from pipelines.train import main
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +295,7 @@ def test_on_policy_rounds_sample_score_and_train_and_a_round_resumes_after_a_los
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from distill.onpolicy import AnswerGrammar
+    from distill.train.onpolicy import AnswerGrammar
     from distill.tasks import load_task
 
     config = TrainConfig(data=generated, output=str(tmp_path / "op"), student=tiny_model, method="on-policy",

@@ -17,142 +17,42 @@ Plain Python with no Ray or vLLM in it, so every rule here is unit-tested on its
   the student's confidence is below the threshold, on to the teacher (serve/selective.py). In cascade mode the
   windows hold the kept share: the latency and agreement of the answers the student kept, and the failures of
   the student (a 5xx, a label task's answer that names no label) among the requests it kept or failed.
-- Rollback: when one rule breaks its limit over its window, the share goes to 0 and the event is logged, kept,
-  counted per rule and exposed in /stats and /metrics:
-    error_rate   5xx answers and timeouts of the student, and for label tasks answers that name no label
-    agreement    label tasks: the fraction of shadow comparisons whose labels agree
-    similarity   free-text tasks: mean ROUGE-L F1 of the student's answer to the teacher's (off by default:
-                 two good paraphrases share few words, so a fixed limit is a per-task decision)
-    latency_p95  the student's p95 latency at the gateway
+- Rollback: when one rule (serve/rollout_rules.py) breaks its limit over its window, the share goes to 0 and the
+  event is logged, kept, counted per rule and exposed in /stats and /metrics (serve/metrics.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import random
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Iterable, Literal, Optional
+from typing import Optional
 
-from pydantic import Field
-
-from distill.agreement import Comparison, agreement_rate, compare, mean_similarity
-from distill.config import ConfigError, StrictModel
+from distill.agreement import Comparison, compare
 from distill.cost import CostConfig
-from distill.metrics import percentile
+from distill.inputs import unit_hash
+from distill.metrics import quantile
 from distill.selective import keeps
 from distill.tasks import TaskSpec
-from serve.selective import (CASCADE, DEFER_REASONS, DRIFT_SIGNALS, MODES, Cascade,
-                             CascadeConfig, Drift, DriftConfig, Savings, check_threshold)
+from serve.config import RolloutConfig
+from serve.metrics import ArmStats
+from serve.rollout_rules import RULES, RuleReading, rule_readings
+from serve.selective import CASCADE, MODES, Cascade, Drift, Savings, check_threshold
 
 log = logging.getLogger("distill.serve.rollout")
 
 TEACHER, STUDENT = "teacher", "student"
 ARMS = (TEACHER, STUDENT)
-RULES = ("error_rate", "agreement", "similarity", "latency_p95")
 SHADOW_OUTCOMES = ("agree", "disagree", "unjudged", "skipped", "failed")
 STALE_KINDS = ("answer", "error", "shadow")
-
-
-class RolloutConfig(StrictModel):
-    student_share: float = Field(
-        0.01, ge=0.0, le=1.0, description="Fraction of the routed model's traffic the student serves at start "
-        "(staged rollout: 0.01 -> 0.1 -> 0.5 -> 1.0; change it at runtime with POST /admin/share). A gateway "
-        "that finds persisted state for the same task, teacher, student and adapter resumes from that instead.")
-    sticky: bool = Field(True, description="Requests that carry a user id always get the same arm for a share.")
-    user_header: str = Field("x-user-id", description="Header read for the user id when the body has no `user`.")
-    shadow_sample_rate: float = Field(
-        0.1, ge=0.0, le=1.0, description="Fraction of student-served routed requests also sent to the teacher "
-        "in the background to measure live agreement (0: shadow off).")
-    max_shadow_in_flight: int = Field(
-        8, ge=1, description="Shadow requests waiting on the teacher at once; more are skipped (and counted) so "
-        "that shadowing never queues up behind production traffic.")
-    error_window: int = Field(200, ge=1, description="Routed student requests the error rate is computed over.")
-    min_error_samples: int = Field(
-        20, ge=1, description="Routed student requests needed in the window before errors can trigger a rollback.")
-    max_error_rate: Optional[float] = Field(
-        0.05, ge=0.0, le=1.0, description="Roll back when the fraction of failed routed student requests over the "
-        "window exceeds this. Failed: a 5xx from the student (engine failure, replica lost, timeout) or, for "
-        "label tasks, an answer that names no label. 4xx (the client's fault) and client disconnects do not "
-        "count either way. null turns the rule off.")
-    agreement_window: int = Field(
-        200, ge=1, description="Judged shadow comparisons that live agreement and similarity are computed over.")
-    min_agreement_samples: int = Field(
-        50, ge=1, description="Comparisons needed in the window before agreement or similarity can trigger a "
-        "rollback.")
-    min_agreement: Optional[float] = Field(
-        0.9, ge=0.0, le=1.0, description="Label tasks: roll back when the fraction of shadow comparisons whose "
-        "labels agree falls below this; null turns the rule off. Free-text tasks refuse it: exact agreement of "
-        "free text is rare between two good answers (use min_similarity).")
-    min_similarity: Optional[float] = Field(
-        None, ge=0.0, le=1.0, description="Free-text tasks: roll back when the mean ROUGE-L F1 of the student's "
-        "answers to the teacher's (distill.agreement, as in the evaluation report) over the window falls below "
-        "this. Default null: no agreement rule for free text, since paraphrases of one answer share few words and "
-        "a fair limit depends on the task; set it from the report's similarity of a student you accept. Label "
-        "tasks refuse it (use min_agreement).")
-    latency_window: int = Field(
-        200, ge=1, description="Routed student requests its rollback p95 latency is computed over.")
-    min_latency_samples: int = Field(
-        20, ge=1, description="Routed student requests needed in the window before latency can trigger a rollback.")
-    max_student_p95_s: Optional[float] = Field(
-        10.0, gt=0, description="Roll back when the student's p95 latency (seconds, end to end at the gateway) "
-        "exceeds this; null turns the latency rule off.")
-    stats_window: int = Field(2048, ge=16, description="Latencies per arm kept for the p50/p95 in /stats.")
-    max_events: int = Field(100, ge=1, description="Rollout events (share changes, rollbacks) kept for /stats.")
-    state_uri: Optional[str] = Field(
-        None, description="Where the rollout state (share, stage, windows, events) is persisted so that a "
-        "restarted gateway resumes it. null: a detached Ray actor on the head node, named after the application; "
-        "it survives gateway restarts and in-place Serve upgrades, not a new cluster. A path or s3:// / gs:// URI "
-        "of a JSON file survives those too (a RayService upgrade that replaces the cluster).")
-    persist_interval_s: float = Field(
-        2.0, gt=0, description="Seconds between saves of window updates; share changes and rollbacks are saved "
-        "at once.")
-    mode: Literal["split", "cascade"] = Field(
-        "split", description="split: the student's share of the routed traffic is answered by the student. "
-        "cascade: that share asks the student first and, when its confidence is below cascade.threshold, sends "
-        "the same request on to the teacher and returns the teacher's answer. Changeable at runtime (POST "
-        "/admin/cascade); a resumed rollout keeps the mode it had.")
-    cascade: CascadeConfig = Field(default_factory=CascadeConfig, description="The cascade's threshold.")
-    drift: DriftConfig = Field(default_factory=DriftConfig, description="Drift of the live labels and deferral "
-                               "rate against the training data and the report.")
-
-
-def check_rules(config: RolloutConfig, task: TaskSpec) -> None:
-    """Refuse agreement limits and cascade thresholds that do not fit the task's answers, and a cascade without
-    a threshold (a ConfigError, before any engine starts; run after cascade.threshold_from is read)."""
-    if config.cascade.threshold is not None:
-        try:
-            check_threshold(task, config.cascade.threshold)
-        except ValueError as err:
-            raise ConfigError(f"rollout.cascade.threshold: {err}") from None
-    elif config.mode == CASCADE:
-        raise ConfigError("rollout.mode cascade needs a threshold: set rollout.cascade.threshold, or "
-                          "rollout.cascade.threshold_from to the report.json of `distill eval`")
-    if task.answer.type == "labels" and config.min_similarity is not None:
-        raise ConfigError(f"rollout.min_similarity applies to free-text tasks; {task.name!r} has labels: use "
-                          f"rollout.min_agreement")
-    if task.answer.type != "labels" and "min_agreement" in config.model_fields_set:
-        raise ConfigError(f"rollout.min_agreement applies to label tasks; {task.name!r} answers in free text, "
-                          f"where exact agreement is rare between two good answers: use rollout.min_similarity")
 
 
 def user_fraction(user: str) -> float:
     """A stable number in [0, 1) for a user id: the same on every replica and every restart (no Python hash
     randomisation), and uniform enough that a share of s puts about s of the users on the student."""
-    digest = hashlib.sha256(user.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def quantile(values: Iterable[float], q: float) -> Optional[float]:
-    """Linear-interpolated quantile, q in 0..1 (distill.metrics.percentile), None for no values."""
-    return percentile(list(values), 100 * q)
-
-
-def _mean(values) -> Optional[float]:
-    return sum(values) / len(values) if values else None
+    return unit_hash(user)
 
 
 @dataclass(frozen=True)
@@ -163,65 +63,6 @@ class Route:
     arm: str
     stage: Optional[int] = None
     cascade: bool = False
-
-
-@dataclass(frozen=True)
-class RuleReading:
-    """One rollback rule over its window right now."""
-    rule: str
-    value: Optional[float]
-    limit: Optional[float]  # None: the rule is off
-    samples: int
-    min_samples: int
-    fires_above: bool       # True: values above the limit fire (errors, latency); False: below (agreement)
-
-    @property
-    def fires(self) -> bool:
-        if self.limit is None or self.value is None or self.samples < self.min_samples:
-            return False
-        return self.value > self.limit if self.fires_above else self.value < self.limit
-
-    def reason(self) -> str:
-        what = {"error_rate": ("error rate", "routed student requests"),
-                "agreement": ("live agreement", "shadow comparisons"),
-                "similarity": ("live similarity (ROUGE-L F1)", "shadow comparisons"),
-                "latency_p95": ("student p95 latency", "routed student requests")}[self.rule]
-        unit = "s" if self.rule == "latency_p95" else ""
-        verb = "exceeds" if self.fires_above else "is below"
-        return f"{what[0]} {self.value:.3f}{unit} over the last {self.samples} {what[1]} {verb} {self.limit}{unit}"
-
-    def as_dict(self) -> dict:
-        return {"value": self.value, "limit": self.limit, "samples": self.samples, "min_samples": self.min_samples}
-
-
-class ArmStats:
-    """Counters and a latency window for one arm (this gateway replica's, since it started)."""
-
-    def __init__(self, window: int):
-        self.requests = 0
-        self.errors: Counter[int] = Counter()
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.latency_sum = 0.0
-        self.latencies: deque[float] = deque(maxlen=window)
-
-    def record(self, latency_s: float, prompt_tokens: int, completion_tokens: int) -> None:
-        self.requests += 1
-        self.prompt_tokens += prompt_tokens
-        self.completion_tokens += completion_tokens
-        self.latency_sum += latency_s
-        self.latencies.append(latency_s)
-
-    def snapshot(self) -> dict:
-        return {
-            "requests": self.requests,
-            "errors": {str(k): v for k, v in sorted(self.errors.items())},
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "latency_p50_s": quantile(self.latencies, 0.5),
-            "latency_p95_s": quantile(self.latencies, 0.95),
-            "latency_mean_s": self.latency_sum / self.requests if self.requests else None,
-        }
 
 
 class Rollout:
@@ -462,21 +303,7 @@ class Rollout:
 
     # -- rollback ---------------------------------------------------------------------------------------------
     def readings(self) -> dict[str, RuleReading]:
-        cfg = self.config
-        labels = self.task.answer.type == "labels"
-        judged = len(self.comparisons)
-        return {
-            "error_rate": RuleReading("error_rate", _mean(self.outcomes), cfg.max_error_rate, len(self.outcomes),
-                                      cfg.min_error_samples, fires_above=True),
-            "agreement": RuleReading("agreement", agreement_rate(self.comparisons)["rate"],
-                                     cfg.min_agreement if labels else None, judged, cfg.min_agreement_samples,
-                                     fires_above=False),
-            "similarity": RuleReading("similarity", mean_similarity(self.comparisons),
-                                      None if labels else cfg.min_similarity, judged, cfg.min_agreement_samples,
-                                      fires_above=False),
-            "latency_p95": RuleReading("latency_p95", quantile(self.student_latencies, 0.95), cfg.max_student_p95_s,
-                                       len(self.student_latencies), cfg.min_latency_samples, fires_above=True),
-        }
+        return rule_readings(self.config, self.task, self.outcomes, self.comparisons, self.student_latencies)
 
     def check_rollback(self) -> Optional[dict]:
         if self.share <= 0.0:
@@ -568,103 +395,3 @@ class Rollout:
                                    "samples": len(self.overhead)},
             "events": list(self.events),
         }
-
-    def prometheus(self, prefix: str = "distill") -> str:
-        """The same numbers in the Prometheus text exposition format (for GET /metrics)."""
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]) -> None:
-            lines.append(f"# HELP {prefix}_{name} {help_text}")
-            lines.append(f"# TYPE {prefix}_{name} {kind}")
-            for labels, value in samples:
-                label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-                lines.append(f"{prefix}_{name}{{{label_text}}} {_number(value)}" if label_text
-                             else f"{prefix}_{name} {_number(value)}")
-
-        metric("requests_total", "counter", "Answered requests per arm.",
-               [({"arm": a}, s.requests) for a, s in self.arms.items()])
-        metric("routed_requests_total", "counter", "Requests to the routed model, per arm that served them.",
-               [({"arm": a}, self.routed[a]) for a in ARMS])
-        metric("errors_total", "counter", "Failed requests per arm and HTTP status.",
-               [({"arm": a, "status": str(code)}, n) for a, s in self.arms.items() for code, n in
-                sorted(s.errors.items())])
-        metric("tokens_total", "counter", "Prompt and completion tokens per arm.",
-               [({"arm": a, "kind": kind}, getattr(s, f"{kind}_tokens")) for a, s in self.arms.items()
-                for kind in ("prompt", "completion")])
-        samples = []
-        for a, s in self.arms.items():
-            for q in (0.5, 0.95):
-                value = quantile(s.latencies, q)
-                samples.append(({"arm": a, "quantile": str(q)}, _or_nan(value)))
-        lines.append(f"# HELP {prefix}_latency_seconds End-to-end request latency at the gateway per arm.")
-        lines.append(f"# TYPE {prefix}_latency_seconds summary")
-        for labels, value in samples:
-            label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-            lines.append(f"{prefix}_latency_seconds{{{label_text}}} {_number(value)}")
-        for a, s in self.arms.items():
-            lines.append(f'{prefix}_latency_seconds_sum{{arm="{a}"}} {_number(s.latency_sum)}')
-            lines.append(f'{prefix}_latency_seconds_count{{arm="{a}"}} {s.requests}')
-        metric("student_share", "gauge", "Current fraction of routed traffic served by the student.",
-               [({}, self.share)])
-        metric("rollout_stage", "gauge", "Rollout stage: grows with every share change and rollback.",
-               [({}, self.stage)])
-        readings = self.readings()
-        metric("shadow_agreement", "gauge", "Live teacher/student agreement over the shadow window (NaN: none).",
-               [({}, _or_nan(readings["agreement"].value))])
-        metric("shadow_comparisons_total", "counter", "Shadow requests by outcome.",
-               [({"result": k}, self.shadow[k]) for k in SHADOW_OUTCOMES])
-        metric("rollout_rule_value", "gauge", "Each rollback rule's value over its window (NaN: no samples).",
-               [({"rule": name}, _or_nan(r.value)) for name, r in readings.items()])
-        metric("rollout_rule_limit", "gauge", "Each rollback rule's limit (NaN: the rule is off).",
-               [({"rule": name}, _or_nan(r.limit)) for name, r in readings.items()])
-        metric("rollout_rule_samples", "gauge", "Samples in each rollback rule's window.",
-               [({"rule": name}, r.samples) for name, r in readings.items()])
-        metric("student_unparsable_total", "counter", "Routed student answers of a label task that name no label.",
-               [({}, self.unparsable)])
-        metric("stale_results_total", "counter", "Results kept out of the windows: they arrived after their stage.",
-               [({"kind": k}, self.stale[k]) for k in STALE_KINDS])
-        metric("rollbacks_total", "counter", "Automatic rollbacks of the student share to 0.", [({}, self.rollbacks)])
-        metric("rollback_firings_total", "counter", "Automatic rollbacks per rule that fired.",
-               [({"rule": rule}, self.firings[rule]) for rule in RULES])
-        metric("cascade_mode", "gauge", "1 for the routed model's current mode.",
-               [({"mode": m}, int(m == self.mode)) for m in MODES])
-        metric("cascade_threshold", "gauge", "The cascade's confidence threshold (NaN: none).",
-               [({}, _or_nan(self.threshold))])
-        cascade = self.cascade.snapshot()
-        metric("cascade_requests_total", "counter", "Cascaded requests by outcome.",
-               [({"outcome": "kept"}, cascade["kept"])]
-               + [({"outcome": f"deferred_{r}"}, cascade["deferred_by_reason"][r]) for r in DEFER_REASONS]
-               + [({"outcome": "failed"}, cascade["failed"])])
-        metric("cascade_deferral_rate", "gauge", "Fraction of cascaded requests sent on to the teacher (NaN: none).",
-               [({}, _or_nan(cascade["deferral_rate"]))])
-        metric("cascade_kept_agreement", "gauge", "Agreement of the kept answers with the teacher, from shadow "
-               "comparisons (NaN: none judged).", [({}, _or_nan(cascade["kept_agreement"]))])
-        cost = self.savings.snapshot()
-        metric("cost_usd", "counter", "Dollars spent on the routed model, per part, at the configured prices.",
-               [({"part": p}, cost[f"{p}_usd"]) for p in ("student", "teacher", "shadow")])
-        metric("cost_teacher_only_usd", "gauge", "What the routed traffic would have cost on the teacher alone "
-               "(NaN: unknown yet).", [({}, _or_nan(cost["teacher_only_usd"]))])
-        metric("cost_saved_usd", "gauge", "Teacher-only cost minus what was spent (NaN: unknown yet).",
-               [({}, _or_nan(cost["saved_usd"]))])
-        drift = self.drift.readings()
-        metric("drift_psi", "gauge", "Population stability index of the live distribution against its reference "
-               "(NaN: off or no samples).", [({"signal": s}, _or_nan(drift[s]["psi"])) for s in DRIFT_SIGNALS])
-        metric("drift_samples", "gauge", "Samples in each drift window.",
-               [({"signal": s}, drift[s]["samples"]) for s in DRIFT_SIGNALS])
-        metric("drift_limit", "gauge", "The PSI above which drift is recorded.", [({}, self.config.drift.max_psi)])
-        metric("drift_events_total", "counter", "Drift events (\"re-distill recommended\") per signal.",
-               [({"signal": s}, drift[s]["events"]) for s in DRIFT_SIGNALS])
-        metric("gateway_overhead_seconds", "gauge", "The gateway's own time per request (its handler minus the "
-               "arms' time), over its recent requests (NaN: none).",
-               [({"quantile": str(q)}, _or_nan(quantile(self.overhead, q))) for q in (0.5, 0.95)])
-        return "\n".join(lines) + "\n"
-
-
-def _or_nan(value: Optional[float]) -> float:
-    return float("nan") if value is None else value
-
-
-def _number(value: float) -> str:
-    if isinstance(value, float) and math.isnan(value):
-        return "NaN"
-    return repr(float(value)) if isinstance(value, float) else str(value)

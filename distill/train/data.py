@@ -1,19 +1,20 @@
 """Training data, prepared on the driver: the generation outputs read (`read_data`), split by id hash, tokenized with
 the student's chat template, every optimizer step planned and each worker's examples written to its own shard
-(`prepare`), and the soft-label decision (`soft_label_choice`). The pieces it builds on are in distill.training.
+(`prepare`), and the soft-label decision (`soft_label_choice`). The pieces it builds on are in distill.train.examples.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+
+from typing import Any
 
 from distill.config import ConfigError
 from distill.storage import exists, join, list_files, read_columns, read_json, write_table
-from distill.training import (StepPlan, TrainDataError, padding_waste, same_tokenizer, split_keeping, split_of,
-                              tokenize_rows, write_examples, write_rank_shards)
-
-if TYPE_CHECKING:  # the recipe's config; distill never imports a pipeline at run time
-    from pipelines.train import TrainConfig
+from distill.train.examples import (StepPlan, TrainDataError, same_tokenizer, split_keeping, split_of, tokenize_rows,
+                                    write_examples, write_rank_shards)
+from distill.train.step import padding_waste
+from distill.train.config import TrainConfig
 
 
 def read_data(config: TrainConfig) -> list[dict]:
@@ -61,7 +62,31 @@ def soft_label_choice(config: TrainConfig, tokenizer, rows: list[dict]) -> tuple
     return weight, f"on (weight {weight}): the teacher's top-k logprobs, same tokenizer"
 
 
-def prepare(config: TrainConfig, tokenizer, fs, out_path: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PreparedData:
+    """What the driver's preparation hands to the workers (each rank streams its shard) and to the summary."""
+    shards: list[str]                 # per rank: its token file (examples in training order)
+    validation: str                   # the validation examples' token file
+    validation_answers: list[str]     # the teacher's answer to each validation example, in its order
+    steps: int                        # optimizer steps planned
+    steps_per_epoch: int
+    step_targets: list[int]           # per step, over every rank: target tokens (the loss's divisor)
+    step_tokens: list[int]            # per step: tokens (throughput)
+    step_examples: list[int]          # per step: examples (the data position)
+    split: dict[str, int]             # rows per split: train, validation, test, excluded
+    examples: dict[str, int]          # tokenized examples: train, validation
+    skipped: dict[str, int]           # rows skipped, by reason
+    soft_weight: float                # weight of the teacher's top-k in the loss
+    soft_labels: str                  # why that weight
+    soft_examples: int                # training examples that carry the teacher's top-k
+    padding_waste: float
+    padding_waste_unpacked: float
+    task: Any                         # the data's task name (a list when rows disagree)
+    teacher: Any                      # the data's teacher (a list when rows disagree)
+    objective: str = "forward"        # forward KL to the teacher's top-k; on-policy rounds: "reverse"
+
+
+def prepare(config: TrainConfig, tokenizer, fs, out_path: str) -> PreparedData:
     """Split, tokenize, plan and write each rank's shard; returns the small things the workers and the summary
     need."""
     import pyarrow as pa
@@ -107,20 +132,19 @@ def prepare(config: TrainConfig, tokenizer, fs, out_path: str) -> dict[str, Any]
     write_examples(fs, f"{tokens}/validation.parquet", val)
     answers = {r["id"]: r["answer"] for r in val_rows}
     micro_lengths = [[train[j].length for j in micro] for step in plan.steps for rank in step for micro in rank]
-    return {
-        "shards": shards, "validation": f"{tokens}/validation.parquet", "steps": len(plan),
-        "validation_answers": [answers[e.id] for e in val],
+    return PreparedData(
+        shards=shards, validation=f"{tokens}/validation.parquet", steps=len(plan),
+        validation_answers=[answers[e.id] for e in val],
         **step_totals(train, plan.steps),
-        "steps_per_epoch": -(-len(train) // (config.per_device_batch_size * config.gradient_accumulation
-                                             * config.workers)),
-        "split": {"train": len(train_rows), "validation": len(val_rows),
-                  "test": sum(s == "test" for s in split.values()), "excluded": len(excluded & set(ids))},
-        "examples": {"train": len(train), "validation": len(val)},
-        "skipped": dict(skipped), "soft_weight": soft_weight, "soft_labels": soft_why, "soft_examples": soft_examples,
-        "padding_waste": padding_waste(micro_lengths, config.packing),
-        "padding_waste_unpacked": padding_waste(micro_lengths, packed=False),
-        "task": _one(rows, "task"), "teacher": _one(rows, "teacher"),
-    }
+        steps_per_epoch=-(-len(train) // (config.per_device_batch_size * config.gradient_accumulation
+                                          * config.workers)),
+        split={"train": len(train_rows), "validation": len(val_rows),
+               "test": sum(s == "test" for s in split.values()), "excluded": len(excluded & set(ids))},
+        examples={"train": len(train), "validation": len(val)},
+        skipped=dict(skipped), soft_weight=soft_weight, soft_labels=soft_why, soft_examples=soft_examples,
+        padding_waste=padding_waste(micro_lengths, config.packing),
+        padding_waste_unpacked=padding_waste(micro_lengths, packed=False),
+        task=_one(rows, "task"), teacher=_one(rows, "teacher"))
 
 
 def held_out_of(earlier: str) -> tuple[dict[str, str], set[str]]:

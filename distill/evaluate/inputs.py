@@ -7,21 +7,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import pyarrow.parquet as pq
 
-from distill import evaluation as E
+from distill.chat import teacher_output
 from distill.checkpoints import read_metrics
 from distill.config import ConfigError
 from distill.engine import resolve_device
+from distill.evaluate import scores as E
+from distill.evaluate.config import EvalConfig
 from distill.sampling import student_sampling, teacher_sampling
 from distill.scoring import scoring_sampling
 from distill.storage import exists, join, list_files, read_columns, read_json, resolve
 from distill.tasks import TaskSpec, load_task
-
-if TYPE_CHECKING:  # the recipe's config; distill never imports a pipeline at run time
-    from pipelines.evaluate import EvalConfig
 
 log = logging.getLogger("distill.evaluate")  # the stage's name on its log lines, wherever the code lives
 
@@ -132,7 +131,7 @@ def resolve_inputs(config: EvalConfig) -> Inputs:
 
 def distilled_model(config: EvalConfig, inputs: Inputs) -> tuple[str, Optional[str], str]:
     """(engine model, adapter for LoRA or None, how it is served) for the distilled student."""
-    from distill.modeling import adapter_has_experts, merge_adapter_on_cluster
+    from distill.student_model import adapter_has_experts, merge_adapter_on_cluster
 
     adapter_config = read_json(join(inputs.adapter, "adapter_config.json")) or {}
     serving = config.student_serving
@@ -154,7 +153,7 @@ def distilled_model(config: EvalConfig, inputs: Inputs) -> tuple[str, Optional[s
 # ----------------------------------------------------------------------------------------------------------------
 # The engine passes' requests
 def plan_requests(config: EvalConfig, inputs: Inputs, tokenizer) -> tuple[dict[str, list[dict]], dict]:
-    """Every request of every pass, keyed "<id>|<kind>": answer (greedy), sample (teacher's second sample), a / b /
+    """Every request of every pass, keyed by `request_key(id, kind)`: answer (greedy), sample (teacher's second sample), a / b /
     c (the teacher's answer tokens scored by the base student without and with the prompt, and by the distilled
     student). Also returns the scored tokens and context lengths."""
     task, rows = inputs.task, inputs.rows
@@ -171,7 +170,7 @@ def plan_requests(config: EvalConfig, inputs: Inputs, tokenizer) -> tuple[dict[s
     sampled_teacher = teacher_sampling(task)
 
     def ask(r: dict, kind: str, messages: list[dict], sampling: dict) -> dict:
-        return {"key": f"{r['id']}|{kind}", "messages": messages, "sampling_params": sampling}
+        return {"key": request_key(r["id"], kind), "messages": messages, "sampling_params": sampling}
 
     # The selection rows need only the teacher's and the distilled student's answers (to choose the threshold).
     selection = inputs.selection_rows
@@ -189,3 +188,25 @@ def plan_requests(config: EvalConfig, inputs: Inputs, tokenizer) -> tuple[dict[s
         + [ask(r, "answer", task.student_messages(r["text"]), student) for r in selection],
     }
     return requests, {"tokens": tokens, "context_lengths": context_lengths}
+
+
+def request_key(row_id: str, kind: str) -> str:
+    """The engine request key of a held-out row's request of one kind (answer, sample, a, b, c)."""
+    return f"{row_id}|{kind}"
+
+
+@dataclass(frozen=True)
+class EnginePass:
+    """One engine pass of the evaluation (teacher, base or distilled student): each request's engine result
+    (distill.engine.run_requests) and the pass's wall time with start-up."""
+    results: dict[str, dict]
+    wall_s: float
+
+    def result(self, row_id: str, kind: str = "answer") -> dict:
+        return self.results[request_key(row_id, kind)]
+
+    def behind_opened_reasoning(self) -> "EnginePass":
+        """The pass of a teacher whose template opens the think block: each generated text as the teacher's
+        output (distill.chat.teacher_output), so an unfinished reasoning parses as no answer."""
+        return EnginePass({k: {**v, "generated_text": teacher_output(v["generated_text"], True)}
+                           for k, v in self.results.items()}, self.wall_s)

@@ -1,6 +1,6 @@
 """The evaluation's numbers, from engine results to report sections: fidelity against its floor and its ceiling,
 labels, prompt absorption (NLLs), latency, the learning curve, and the verdict. Plain functions over plain data;
-`pipelines/evaluate.py` runs the engines and distill.eval_report calls them.
+`pipelines/evaluate.py` runs the engines and distill.evaluate.sections calls them.
 
 Fidelity for label tasks is judged three ways, because a bare agreement rate misleads on skewed labels:
 - the floor: how often always answering the teacher's commonest label would agree (and Cohen's kappa, agreement
@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 from distill import metrics as M
 from distill.agreement import agreement_rate, compare, mean_similarity
-from distill.report import fmt
+from distill.chat import render
+from distill.evaluate.render import fmt
 from distill.tasks import TaskSpec
 
 RUNS = ("teacher", "student", "base")  # report order: the teacher, the distilled student, the baseline
@@ -30,9 +31,7 @@ RUN_TITLES = {"teacher": "teacher + prompt", "student": "distilled student, no p
 def answer_tokens(tokenizer, context: list[dict], answer: str) -> tuple[list[int], list[int]]:
     """(context ids as the engine sees them, the answer's ids through the end-of-turn token): what a model must
     produce to give `answer`. What the template adds after the end-of-turn token (a newline) is formatting and is
-    not scored. The same rendering as training's (`distill.training.render`)."""
-    from distill.training import render
-
+    not scored. The same rendering as training's (`distill.chat.render`)."""
     prompt_ids, answer_ids = render(tokenizer, context + [{"role": "assistant", "content": answer}])
     eos = tokenizer.eos_token_id
     if eos in answer_ids:
@@ -57,20 +56,6 @@ def shared_prefix_tokens(tokenizer, task: TaskSpec) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fidelity
-def confidence(task: TaskSpec, result: dict) -> Optional[float]:
-    """The model's confidence in the answer it gave, from the logprobs of its own tokens: for label tasks the
-    probability of the whole answer (the product over its tokens; under guided decoding the engine's logprobs are
-    already normalised over the allowed labels); for free text the mean log-probability per token."""
-    lps = result.get("token_logprobs")
-    if not lps or result.get("error"):
-        return None
-    import math
-
-    if task.answer.type == "labels":
-        return math.exp(sum(lps))
-    return sum(lps) / len(lps)
-
-
 def fidelity_of(task: TaskSpec, teacher: list[Optional[str]], model: list[Optional[str]]) -> dict[str, Any]:
     """How a model's outputs agree with the teacher's, row by row (distill.agreement): the agreement rate with its
     95 % interval and chance-corrected kappa (labels), and text similarity."""

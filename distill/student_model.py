@@ -25,7 +25,7 @@ from typing import Any
 from distill.config import ConfigError
 from distill.storage import local_dir, staged_dir
 
-log = logging.getLogger("distill.modeling")
+log = logging.getLogger("distill.student_model")
 
 PEFT_PREFIX = "base_model.model."
 LAYER_INDEX = re.compile(r"^(.*?\.)?layers\.\d+\.")  # the decoder-layer prefix of a parameter name

@@ -21,12 +21,12 @@ STAGE_MODULES = [
 
 
 def _models(args) -> None:
-    from distill.models import build_tiny_model, prepare_smollm2
+    from distill.local_models import build_tiny_model, prepare_smollm2
 
     if args.what == "prepare":
         print(prepare_smollm2(args.output, force=args.force))
     else:
-        print(build_tiny_model(args.output, force=args.force, moe=args.moe))
+        print(build_tiny_model(args.output, force=args.force, moe=args.moe, thinking=args.thinking))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="destination folder (default: under $DISTILL_MODELS or ~/.cache/distill)")
     p.add_argument("--force", action="store_true", help="rebuild even if it exists")
     p.add_argument("--moe", action="store_true", help="tiny: a mixture-of-experts model (Qwen3-MoE, 4 experts)")
+    p.add_argument("--thinking", action="store_true", help="tiny: a teacher whose chat template opens the think "
+                   "block in its generation prompt, as Qwen3-*-Thinking-2507's does")
     p.set_defaults(func=_models)
 
     for module in STAGE_MODULES:

@@ -9,20 +9,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from distill.chat import answer_start, teacher_output
 from distill.config import ConfigError
 from distill.engine import processor_config
 from distill.formats import DATA_SCHEMA, QUERY_SCHEMA, REJECT_SCHEMA
 from distill.inputs import read_queries, sampled_positions
+from distill.generate.config import GenerateConfig
 from distill.storage import ShardWriter, join, list_files, read_columns, read_ids, read_json, remove, write_json
 from distill.tasks import TaskSpec
-
-if TYPE_CHECKING:  # the recipe's config; distill never imports a pipeline at run time
-    from pipelines.generate import GenerateConfig
 
 log = logging.getLogger("distill.generate")  # the stage's name on its log lines, wherever the code lives
 
@@ -181,31 +180,13 @@ def _topk(logprobs, tokens, k: int) -> Optional[dict]:
     return {"ids": ids, "logprobs": lps, "texts": texts}
 
 
-def answer_start(texts: list[str]) -> int:
-    """Index of the first answer token, given each generated token's text: after the token that completes the
-    last `</think>` (however the tokenizer splits the tag) and the whitespace-only tokens after it (a thinking
-    teacher writes "</think>\n\nFinal Answer: ..."; the answer the student learns is stripped)."""
-    joined = "".join(texts)
-    end = joined.rfind("</think>")
-    start = 0
-    if end >= 0:
-        end += len("</think>")
-        offset = 0
-        for i, t in enumerate(texts):
-            offset += len(t)
-            if offset >= end:
-                start = i + 1
-                break
-    while start < len(texts) and not texts[start].strip():
-        start += 1
-    return start
-
-
 class Decider:
     """Turns the samples of one query into a training example, a retry, or a reject."""
 
-    def __init__(self, config: GenerateConfig, task: TaskSpec, attempt: int, writers: dict[str, ShardWriter]):
+    def __init__(self, config: GenerateConfig, task: TaskSpec, attempt: int, writers: dict[str, ShardWriter],
+                 opens_reasoning: bool):
         self.config, self.task, self.attempt, self.writers = config, task, attempt, writers
+        self.opens_reasoning = opens_reasoning  # the teacher's template opens the think block itself
         self.last = attempt == config.retries
         self.counts = Counter()
 
@@ -217,7 +198,7 @@ class Decider:
             if s.get("__inference_error__"):
                 reasons[f"inference error: {s['__inference_error__'][:300]}"] += 1
                 continue
-            p = self.task.parse(s["generated_text"] or "")
+            p = self.task.parse(teacher_output(s["generated_text"] or "", self.opens_reasoning))
             if p.answer is None:
                 reasons[p.reason] += 1
             else:
@@ -259,7 +240,8 @@ class Decider:
         }
 
 
-def run_attempt(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any], attempt: int) -> Counter:
+def run_attempt(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any], attempt: int,
+                opens_reasoning: bool) -> Counter:
     import ray
 
     out = config.output
@@ -290,7 +272,7 @@ def run_attempt(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any]
         "retry": ShardWriter(attempt_dir(out, attempt + 1), "queries", QUERY_SCHEMA, config.rows_per_shard,
                              config.flush_seconds),
     }
-    decider = Decider(config, task, attempt, writers)
+    decider = Decider(config, task, attempt, writers, opens_reasoning)
     try:
         groups: dict[str, list[dict]] = {}
         t0 = last_log = time.monotonic()

@@ -15,6 +15,7 @@ from pathlib import Path
 SMOLLM2 = "SmolLM2-135M-Instruct"
 TINY = "tiny-chat"
 TINY_MOE = "tiny-moe"
+TINY_THINKING = "tiny-thinking"
 
 # ChatML, the format SmolLM2 uses too; the tiny model gets the same template so both behave alike in tests.
 CHATML_TEMPLATE = (
@@ -23,6 +24,10 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# The seeds' teacher (Qwen3-*-Thinking-2507) opens the think block in its generation prompt, so what it writes is
+# `reasoning...</think>answer` with no opening tag, and no closing one when its budget runs out. The thinking test
+# double has the same habit on ChatML.
+THINKING_TEMPLATE = CHATML_TEMPLATE.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n'")
 
 
 def models_home() -> Path:
@@ -34,8 +39,8 @@ def default_model_dir() -> str:
     return str(models_home() / SMOLLM2)
 
 
-def tiny_model_dir(moe: bool = False) -> str:
-    return str(models_home() / (TINY_MOE if moe else TINY))
+def tiny_model_dir(moe: bool = False, thinking: bool = False) -> str:
+    return str(models_home() / (TINY_MOE if moe else TINY_THINKING if thinking else TINY))
 
 
 def is_prepared(path: str | Path) -> bool:
@@ -78,13 +83,18 @@ def prepare_smollm2(dest: str | Path | None = None, force: bool = False) -> Path
     return dest
 
 
-def build_tiny_model(dest: str | Path | None = None, force: bool = False, seed: int = 0, moe: bool = False) -> Path:
+def build_tiny_model(dest: str | Path | None = None, force: bool = False, seed: int = 0, moe: bool = False,
+                     thinking: bool = False) -> Path:
     """A random-init Llama (head_dim 64, 2 layers) with a byte-level BPE tokenizer trained here on the bundled
     sample and the built-in task prompts, and the ChatML template. Loads in vLLM and peft in seconds.
 
     moe: a Qwen3-MoE instead (4 experts, 2 per token, fused expert weights in transformers 5), the shape of the
-    seeds' 30B-A3B student in miniature, with the same tokenizer."""
-    dest = Path(dest or tiny_model_dir(moe))
+    seeds' 30B-A3B student in miniature, with the same tokenizer.
+    thinking: the same Llama with a template whose generation prompt opens the think block, as the seeds'
+    Thinking-2507 teacher's does (THINKING_TEMPLATE)."""
+    if moe and thinking:
+        raise ValueError("the tiny model is either the MoE student or the thinking teacher, not both")
+    dest = Path(dest or tiny_model_dir(moe, thinking))
     if is_prepared(dest) and not force:
         return dest
     import torch
@@ -109,7 +119,7 @@ def build_tiny_model(dest: str | Path | None = None, force: bool = False, seed: 
         tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = THINKING_TEMPLATE if thinking else CHATML_TEMPLATE
 
     torch.manual_seed(seed)
     common = dict(

@@ -1,35 +1,34 @@
 """The evaluation's report content, from the three passes' engine results: report.json's sections (fidelity,
 labels, gold accuracy, NLLs and gap closed, latency, cost, selective answering, training) and the predictions
-table (`build_report`). The numbers come from distill.evaluation; distill.report renders and writes them.
+table (`build_report`). The numbers come from distill.evaluate.scores; distill.evaluate.render renders and writes them.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
-from distill import evaluation as E
 from distill import metrics as M
 from distill.cost import cost_model
 from distill.engine import engine_facts
-from distill.eval_inputs import Inputs
-from distill.evaluation import RUN_TITLES, RUNS
+from distill.evaluate import scores as E
+from distill.evaluate.config import EvalConfig
+from distill.evaluate.inputs import EnginePass, Inputs
+from distill.evaluate.scores import RUN_TITLES, RUNS
+from distill.selective import confidence
 from distill.tasks import TaskSpec
 
-if TYPE_CHECKING:  # the recipe's config; distill never imports a pipeline at run time
-    from pipelines.evaluate import EvalConfig
 
-
-def build_report(config: EvalConfig, inputs: Inputs, results: dict[str, dict], walls: dict[str, float],
-                 planned: dict, serving: str, tokenizer, seconds: float) -> tuple[dict, dict]:
+def build_report(config: EvalConfig, inputs: Inputs, passes: dict[str, EnginePass], planned: dict, serving: str,
+                 tokenizer, seconds: float) -> tuple[dict, dict]:
     task, rows = inputs.task, inputs.rows
     is_labels = task.answer.type == "labels"
     labels = list(task.answer.labels or [])
 
     def result(run: str, row: dict, kind: str = "answer") -> dict:
-        return results[run][f"{row['id']}|{kind}"]
+        return passes[run].result(row["id"], kind)
 
     outputs = {run: [None if result(run, r)["error"] else result(run, r)["generated_text"] for r in rows]
                for run in RUNS}
@@ -53,7 +52,7 @@ def build_report(config: EvalConfig, inputs: Inputs, results: dict[str, dict], w
             "output_tokens_mean": M.mean(x["num_generated_tokens"] for x in ok),
             "latency_s": M.latency_summary([x["latency_s"] for x in ok]),
             "ttft_s": M.latency_summary([x["ttft_s"] for x in ok if x["ttft_s"] is not None]),
-            "wall_s": round(walls[run], 3),
+            "wall_s": round(passes[run].wall_s, 3),
         }
 
     gold = [r["gold"] for r in rows]
@@ -73,7 +72,7 @@ def build_report(config: EvalConfig, inputs: Inputs, results: dict[str, dict], w
         acc = {run: M.accuracy(label_of[run], gold) for run in RUNS}
         gold_section = {"rows": acc["teacher"]["n"], "accuracy": {run: acc[run]["accuracy"] for run in RUNS}}
 
-    scores = {k: [None if results[run][f"{r['id']}|{k}"]["error"] else results[run][f"{r['id']}|{k}"]["token_logprobs"]
+    scores = {k: [None if passes[run].result(r["id"], k)["error"] else passes[run].result(r["id"], k)["token_logprobs"]
                   for r in rows] for k, run in (("a", "base"), ("b", "base"), ("c", "student"))}
     nll, nll_rows = E.nll_section(scores, planned["context_lengths"], len(rows))
     verdict = E.verdict(task, fidelity, nll["gap_closed"])
@@ -88,7 +87,7 @@ def build_report(config: EvalConfig, inputs: Inputs, results: dict[str, dict], w
                       stage_seconds, int((inputs.summary or {}).get("workers") or 1),
                       {"generation": generation_engines, "evaluation": 1})
     speedup = M.ratio(runs["teacher"]["latency_s"]["p50"], runs["student"]["latency_s"]["p50"])
-    selective = selective_report(config, inputs, results, outputs, cost)
+    selective = selective_report(config, inputs, passes, outputs, cost)
     s = fidelity["student"]
     headline = {
         "agreement": s["agreement"] if is_labels else None,
@@ -147,22 +146,23 @@ def build_report(config: EvalConfig, inputs: Inputs, results: dict[str, dict], w
         "latency": {run: [result(run, r)["latency_s"] for r in rows if result(run, r)["latency_s"] is not None]
                     for run in RUNS},
         "train_metrics": inputs.train_metrics,
-        "predictions": predictions_table(task, rows, results, outputs, parsed, label_of, samples, nll_rows),
+        "predictions": predictions_table(task, rows, passes, outputs, parsed, label_of, samples, nll_rows),
     }
     return report, details
 
 
-def selective_report(config: EvalConfig, inputs: Inputs, results: dict, outputs: dict, cost: dict) -> dict:
+def selective_report(config: EvalConfig, inputs: Inputs, passes: dict[str, EnginePass], outputs: dict,
+                     cost: dict) -> dict:
     """The selective section: the distilled student's confidence against its agreement with the teacher, the
     threshold chosen on the selection rows, what it keeps of the held-out rows, and the cascade's cost and latency."""
     task = inputs.task
 
     def answers(run: str, rows: list[dict]) -> list[dict]:
-        return [results[run][f"{r['id']}|answer"] for r in rows]
+        return [passes[run].result(r["id"]) for r in rows]
 
     def confidences_and_scores(teacher_out: list, student_res: list[dict]) -> dict[str, list]:
         student_out = [None if x["error"] else x["generated_text"] for x in student_res]
-        return {"confidence": [E.confidence(task, x) for x in student_res],
+        return {"confidence": [confidence(task, x) for x in student_res],
                 "score": E.agreement_scores(task, teacher_out, student_out)}
 
     held_student = answers("student", inputs.rows)
@@ -191,13 +191,13 @@ LATENCY_DEFINITION = (
     "inputs.student_serving says.")
 
 
-def predictions_table(task: TaskSpec, rows: list[dict], results: dict, outputs: dict, parsed: dict, label_of: dict,
-                      samples: list, nll_rows: dict) -> pa.Table:
+def predictions_table(task: TaskSpec, rows: list[dict], passes: dict[str, EnginePass], outputs: dict, parsed: dict,
+                      label_of: dict, samples: list, nll_rows: dict) -> pa.Table:
     cols: dict[str, list] = {"id": [r["id"] for r in rows], "text": [r["text"] for r in rows],
                              "gold": [r["gold"] for r in rows], "data_answer": [r["answer"] for r in rows],
                              "teacher_sample_output": samples}
     for run in RUNS:
-        res = [results[run][f"{r['id']}|answer"] for r in rows]
+        res = [passes[run].result(r["id"]) for r in rows]
         cols[f"{run}_output"] = [x["generated_text"] for x in res]
         cols[f"{run}_answer"] = parsed[run]
         cols[f"{run}_label"] = label_of[run]
@@ -206,7 +206,7 @@ def predictions_table(task: TaskSpec, rows: list[dict], results: dict, outputs: 
         cols[f"{run}_latency_s"] = [x["latency_s"] for x in res]
         cols[f"{run}_error"] = [x["error"] for x in res]
         if run != "teacher":
-            cols[f"{run}_confidence"] = [E.confidence(task, x) for x in res]
+            cols[f"{run}_confidence"] = [confidence(task, x) for x in res]
     for key, name in (("a", "nll_base_no_prompt"), ("b", "nll_base_with_prompt"), ("c", "nll_student_no_prompt")):
         cols[name] = nll_rows[key]
     return pa.table(cols)

@@ -2,7 +2,7 @@
 the prompt (its own samples, on a `ray.data.llm` vLLM engine), the teacher scores exactly those tokens with the
 prompt (teacher-forced decoding, the long prompt prefix-cached: distill.scoring) and returns its top-k at every
 position, under the task's answer grammar where the teacher generated under it (`AnswerGrammar`); training
-(distill.trainer) then minimises the reverse KL to the teacher on them (distill.training.token_losses,
+(distill.train.loop) then minimises the reverse KL to the teacher on them (distill.train.examples.token_losses,
 objective "reverse").
 
 Why: off-policy SFT trains on the teacher's answers; at inference the student continues its own, and its
@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -27,14 +28,13 @@ from distill.engine import EngineConfig, run_requests
 from distill.scoring import ENGINE_ARGS, scoring_sampling
 from distill.storage import join, local_dir, read_columns, read_json, resolve, staged_dir, write_json
 from distill.tasks import TaskSpec
-from distill.train_data import read_data, step_totals
-from distill.trainer import export, fit
-from distill.training import IGNORE, Example, StepPlan, read_examples, same_tokenizer, write_examples, write_rank_shards
+from distill.train.data import PreparedData, read_data, step_totals
+from distill.train.loop import Placement, export, fit
+from distill.train.examples import (IGNORE, Example, StepPlan, read_examples, same_tokenizer, write_examples,
+                                    write_rank_shards)
+from distill.train.config import TrainConfig
 
-if TYPE_CHECKING:  # the recipe's config; distill never imports a pipeline at run time
-    from pipelines.train import TrainConfig
-
-log = logging.getLogger("distill.onpolicy")
+log = logging.getLogger("distill.train.onpolicy")
 
 
 def sample_answers(rows: list[dict], task: TaskSpec, student: str, engine: EngineConfig, temperature: float,
@@ -170,17 +170,18 @@ def answer_grammar(config: TrainConfig, task: TaskSpec, tokenizer) -> AnswerGram
     return AnswerGrammar(tokenizer, choices)
 
 
-def train_rounds(config: TrainConfig, tokenizer, task, prepared: dict, select_by: str, run: tuple):
+def train_rounds(config: TrainConfig, tokenizer, task, prepared: PreparedData, select_by: str,
+                 placement: Placement):
     """Rounds of on-policy distillation (the functions above), each in OUT/rounds/NN: the current student samples
     the training queries without the prompt, the prompted teacher scores those tokens, Ray Train minimises the
     reverse KL on them starting from the current adapter. A finished round is skipped on a rerun; a round's samples
     and scores are kept, so its training resumes on exactly the same data. OUT/adapter is the last round's."""
-    from distill.modeling import merge_adapter_on_cluster
+    from distill.student_model import merge_adapter_on_cluster
 
     op = config.on_policy
-    teacher = op.teacher or (prepared["teacher"] if isinstance(prepared["teacher"], str) else None)
+    teacher = op.teacher or (prepared.teacher if isinstance(prepared.teacher, str) else None)
     if not teacher:
-        raise ConfigError(f"on-policy: the data names no single teacher ({prepared['teacher']}); set on_policy.teacher")
+        raise ConfigError(f"on-policy: the data names no single teacher ({prepared.teacher}); set on_policy.teacher")
     same, why = same_tokenizer(tokenizer, teacher)
     if not same:
         raise ConfigError(f"on-policy distillation scores the student's own tokens with the teacher: {why}")
@@ -224,12 +225,12 @@ def train_rounds(config: TrainConfig, tokenizer, task, prepared: dict, select_by
             round_examples = read_examples(fs, cached)
             plan = StepPlan.build([e.length for e in round_examples], config.per_device_batch_size,
                                   config.gradient_accumulation, config.workers, 1, config.seed + r, op.steps_per_round)
-            round_prepared = {**prepared, "steps": len(plan), "soft_weight": 1.0, "objective": "reverse",
-                              "shards": write_rank_shards(fs, f"{rpath}/_tokens", round_examples, plan.steps,
-                                                          config.workers),
-                              **step_totals(round_examples, plan.steps), "steps_per_epoch": len(plan)}
+            round_prepared = replace(prepared, steps=len(plan), soft_weight=1.0, objective="reverse",
+                                     shards=write_rank_shards(fs, f"{rpath}/_tokens", round_examples, plan.steps,
+                                                              config.workers),
+                                     **step_totals(round_examples, plan.steps), steps_per_epoch=len(plan))
             round_config = config.model_copy(update={"output": rdir, "init_adapter": policy, "merge": False})
-            exported = export(round_config, fit(round_config, round_prepared, task, select_by, *run))
+            exported = export(round_config, fit(round_config, round_prepared, task, select_by, placement))
             done = {"complete": True, "round": r, "planned_steps": len(plan), "policy": policy,
                     **(read_json(join(rdir, "samples.json")) or {}), **exported}
             write_json(join(rdir, "round.json"), done)
