@@ -48,10 +48,10 @@ def answer_start(texts: list[str]) -> int:
     last `</think>` (however the tokenizer splits the tag) and the whitespace-only tokens after it (a thinking
     teacher writes "</think>\n\nFinal Answer: ..."; the answer the student learns is stripped)."""
     joined = "".join(texts)
-    end = joined.rfind("</think>")
+    end = joined.rfind(THINK_CLOSE)
     start = 0
     if end >= 0:
-        end += len("</think>")
+        end += len(THINK_CLOSE)
         offset = 0
         for i, t in enumerate(texts):
             offset += len(t)

@@ -138,7 +138,6 @@ def sampled_positions(uri: str, n: int, text_column: str = "text", id_column: st
     every run and machine; a file grouped by label still gives a sample of every label). One read of the input."""
     import heapq
 
-
     # Salted apart from training's split (id_hash(id, split_seed)): the lowest split hashes are the test and
     # validation rows, so ranking by the same hash would make a sample of mostly held-out rows.
     ranked = ((id_hash(row.id, f"sample-{seed}"), row.row)

@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from distill.chat import THINK_CLOSE, THINK_OPEN
+from distill.chat import THINK_CLOSE, THINK_OPEN, opens_reasoning
 from distill.config import ConfigError, StrictModel, build_config, read_yaml
 
 BUILTIN_DIR = Path(__file__).parent / "tasks"
@@ -141,6 +141,16 @@ class TaskSpec(StrictModel):
             messages.append({"role": "system", "content": self.prompt.system})
         messages.append({"role": "user", "content": self.prompt.user.replace(QUERY_SLOT, query)})
         return messages
+
+    def teacher_template_kwargs(self) -> dict:
+        """What the teacher's chat template is rendered with: hybrid-thinking templates (Qwen3) read
+        enable_thinking, other templates ignore it."""
+        return {"enable_thinking": self.teacher.thinks}
+
+    def teacher_opens_reasoning(self, tokenizer) -> bool:
+        """Does the teacher's template (its `tokenizer`'s) open the think block itself (Thinking-2507)? Its output
+        is then read behind that tag (distill.chat.teacher_output)."""
+        return opens_reasoning(tokenizer, self.teacher_messages("?"), self.teacher_template_kwargs())
 
     @staticmethod
     def student_messages(query: str, answer: Optional[str] = None) -> list[dict[str, str]]:

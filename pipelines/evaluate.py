@@ -12,9 +12,9 @@
    teacher's answer tokens scored without and with the prompt: NLLs a and b); the distilled student (served
    merged or through LoRA; its answers, and the teacher's answers scored: NLL c). Scoring is teacher-forced
    decoding with the prompt prefix-cached (distill.scoring), not prompt_logprobs, which bypass the cache.
-3. The report (distill.evaluate.sections, from distill.evaluate.scores's numbers; distill.evaluate.render writes it): fidelity
-   against floor, ceiling and serving threshold, a verdict, labels, gap closed = (a - c) / (a - b), latency,
-   cost, the learning curve; report.json, report.md, report.html with PNG plots, predictions.parquet.
+3. The report (distill.evaluate.sections, from distill.evaluate.scores's numbers; distill.evaluate.render writes
+   it): fidelity against floor, ceiling and serving threshold, a verdict, labels, gap closed = (a - c) / (a - b),
+   latency, cost, the learning curve; report.json, report.md, report.html with PNG plots, predictions.parquet.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from distill.chat import opens_reasoning
 from distill.checkpoints import AttemptClock
 from distill.config import check_settings
 from distill.engine import run_requests
@@ -59,12 +58,10 @@ def main(config: EvalConfig) -> dict[str, Any]:
         # One engine per model, one after another, so no pass is timed while another one computes. The base and
         # the distilled student never share a LoRA-enabled engine: on vLLM CPU (0.32) a batch that mixed requests
         # with and without a LoRA applied the adapter to the base requests too.
-        teacher_template = {"enable_thinking": task.teacher.thinks}
-        opened = opens_reasoning(AutoTokenizer.from_pretrained(inputs.teacher), task.teacher_messages("?"),
-                                 teacher_template)
+        opened = task.teacher_opens_reasoning(AutoTokenizer.from_pretrained(inputs.teacher))
         passes = {}
         for run, name, engine_model, kwargs in (
-                ("teacher", "teacher", inputs.teacher, {"chat_template_kwargs": teacher_template}),
+                ("teacher", "teacher", inputs.teacher, {"chat_template_kwargs": task.teacher_template_kwargs()}),
                 ("base", "base student", inputs.student, {}),
                 ("student", "distilled student", model, {"adapter": adapter})):
             passes[run] = EnginePass(*run_requests(name, requests[run], engine_model, config.engine,

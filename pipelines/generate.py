@@ -20,7 +20,6 @@ import logging
 import time
 from typing import Any
 
-from distill.chat import opens_reasoning
 from distill.checkpoints import AttemptClock
 from distill.config import ConfigError, check_settings
 from distill.engine import engine_facts
@@ -51,8 +50,7 @@ def main(config: GenerateConfig) -> dict[str, Any]:
         return existing
     # Before any work: does the teacher's template open a think block (Qwen3-*-Thinking-2507)?
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
-    template_kwargs = {"enable_thinking": task.teacher.thinks}
-    opened = opens_reasoning(tokenizer, task.teacher_messages("?"), template_kwargs)
+    opened = task.teacher_opens_reasoning(tokenizer)
     if opened and "structured_outputs" in sampling:
         raise ConfigError(
             f"task {task.name!r} constrains the teacher to its answers (teacher.constrained), but the chat "

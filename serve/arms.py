@@ -2,7 +2,7 @@
 
 The teacher arm adds the task's long prompt server-side and keeps its reasoning out of the visible answer; the
 student arm serves one base model with several LoRA adapters (one per task) and answers the bare user message.
-Requests arrive as plain dicts from the gateway (`serve/app.py`), already validated for shape; this class checks
+Requests arrive as plain dicts from the gateway (`serve/gateway.py`), already validated for shape; this class checks
 what only the engine can know (token counts against the context) and answers bad input with an error dict,
 never an exception, so a bad request cannot look like a failing replica.
 
@@ -159,7 +159,7 @@ class LLMArm:
         lora = None
         if self.role == TEACHER_ROLE:
             messages = teacher_conversation(self.task, messages)
-            template_kwargs = {"enable_thinking": self.task.teacher.thinks}
+            template_kwargs = self.task.teacher_template_kwargs()
         else:
             adapter = req.get("adapter")
             if adapter is not None:

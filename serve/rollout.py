@@ -1,7 +1,7 @@
 """A/B rollout of the student against the teacher: arm choice, shadow comparison, automatic rollback and stats.
 
 Plain Python with no Ray or vLLM in it, so every rule here is unit-tested on its own; the Serve gateway
-(`serve/app.py`) owns one `Rollout`, calls it for every request and persists its state (`serve/state.py`).
+(`serve/gateway.py`) owns one `Rollout`, calls it for every request and persists its state (`serve/state.py`).
 
 - Arm choice: with a user id, a hash of it decides the arm, so a user keeps the same arm at a given share and a
   user who got the student at 1 % keeps it at 10, 50 and 100 % (the hash threshold only grows). Without one,

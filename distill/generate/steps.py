@@ -148,11 +148,10 @@ def build_generation_pipeline(ds, config: GenerateConfig, task: TaskSpec, sampli
 
     ds = ds.flat_map(lambda r: [{**r, "sample": s} for s in range(samples)])
     processor = build_processor(
-        # Hybrid-thinking chat templates (Qwen3) read enable_thinking; other templates ignore it.
         # No per-request seeds: vLLM's CPU sampler crashes ("CPU Generator does not use offset") when a seeded
         # request's prefill is chunked, which the long shared prompt makes common. The engine seed differs per
         # attempt, so a retry draws new answers; the samples of one query differ by the engine's RNG stream.
-        processor_config(config.engine, config.teacher, chat_template_kwargs={"enable_thinking": task.teacher.thinks},
+        processor_config(config.engine, config.teacher, chat_template_kwargs=task.teacher_template_kwargs(),
                          seed=config.seed + attempt),
         preprocess=preprocess,
         postprocess=postprocess,

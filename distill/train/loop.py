@@ -18,8 +18,11 @@ import pyarrow.fs as pafs
 
 from distill.checkpoints import MetricsLog, attempts_wall_s, load_checkpoint, save_checkpoint
 from distill.storage import join, resolve, staged_dir
+from distill.tasks import TaskSpec
 from distill.train.config import TrainConfig
 from distill.train.data import PreparedData
+from distill.train.examples import rank_steps, read_examples, shard_evenly
+from distill.train.step import collate, greedy_agreement, lr_factor, packed_attention, token_losses
 
 log = logging.getLogger("distill.train")  # the stage's name on its log lines, wherever the code lives
 
@@ -45,9 +48,9 @@ def train_loop(args: dict) -> None:
     and early stopping every `eval_every` steps."""
     worker = Worker(args)
     config, total = worker.config, worker.prep.steps
-    for step, micros in worker.planned_steps():
+    for step, micros, started in worker.planned_steps():
         chaos(config, worker.fs, worker.out, step + 1, worker.rank, worker.world)
-        row = worker.train_step(step, micros)
+        row = worker.train_step(step, micros, started)
         done = step + 1
         save = done % config.checkpoint_every == 0 or done == total
         stop = False
@@ -77,9 +80,6 @@ class Worker:
 
         from distill.checkpoints import load_adapter_weights
         from distill.student_model import build_sharded_student
-        from distill.tasks import TaskSpec
-        from distill.train.examples import read_examples
-        from distill.train.step import lr_factor, packed_attention
 
         self.config: TrainConfig = args["config"]  # the driver's config, pickled
         config = self.config
@@ -123,18 +123,18 @@ class Worker:
         self.t_start = time.monotonic() - self.state["elapsed_s"]
 
     def planned_steps(self):
-        """(step, micro-batches of examples) for every step from the resumed one to the last: this rank's
-        shard, streamed, and empty micro-batches where the plan gave this rank nothing."""
-        from distill.train.examples import rank_steps
-
+        """(step, micro-batches of examples, when the step started) for every step from the resumed one to the
+        last: this rank's shard, streamed, and empty micro-batches where the plan gave this rank nothing. A step's
+        time includes reading the next step's rows from the shard."""
         stream = rank_steps(self.fs, self.prep.shards[self.rank], self.state["step"], self.config.gradient_accumulation)
         pending = next(stream, None)
         for step in range(self.state["step"], self.prep.steps):
+            started = time.monotonic()
             if pending is not None and pending[0] == step:
                 micros, pending = pending[1], next(stream, None)
             else:
                 micros = [[] for _ in range(self.config.gradient_accumulation)]
-            yield step, micros
+            yield step, micros, started
 
     def all_sum(self, *values: float) -> list[float]:
         import torch
@@ -147,21 +147,16 @@ class Worker:
     def micro_batch(self, examples: list) -> tuple[dict, float]:
         """(batch, weight). A rank with nothing in this slot still runs a forward/backward (FSDP's gathers are
         collective) on one validation example whose loss counts zero."""
-        from distill.train.step import collate
-
         pad_id = self.placement.pad_id
         return (collate(examples, self.config.packing, pad_id), 1.0) if examples \
             else (collate([self.val[0]], self.config.packing, pad_id), 0.0)
 
-    def train_step(self, step: int, micros: list[list]) -> dict:
+    def train_step(self, step: int, micros: list[list], started: float) -> dict:
         """One optimizer step over the step's micro-batches; its metrics row."""
         import torch
 
-        from distill.train.step import token_losses
-
         config, prep, model = self.config, self.prep, self.model
         torch.manual_seed(config.seed * 1_000_003 + step * 1_009 + self.rank)  # dropout: same on every (re)run
-        t0 = time.monotonic()
         # Every target token of the step weighs the same, whichever rank and micro-batch it is in: divide the
         # summed token losses by the step's target count (x world size, since FSDP averages gradients).
         n_targets = prep.step_targets[step]
@@ -179,7 +174,7 @@ class Worker:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         (loss_sum,) = self.all_sum(loss_sum)
-        step_s = time.monotonic() - t0
+        step_s = time.monotonic() - started
         self.examples_seen += prep.step_examples[step]
         done = step + 1
         return {"step": done, "epoch": round(done / prep.steps_per_epoch, 4), "examples": self.examples_seen,
@@ -191,9 +186,6 @@ class Worker:
         """Validation loss over every rank's slice, and for selection by agreement the student's own greedy
         answers against the teacher's."""
         import torch
-
-        from distill.train.examples import shard_evenly
-        from distill.train.step import greedy_agreement, token_losses
 
         if not self.val:
             return {"val_loss": None}
