@@ -91,7 +91,7 @@ def build_tiny_model(dest: str | Path | None = None, force: bool = False, seed: 
     moe: a Qwen3-MoE instead (4 experts, 2 per token, fused expert weights in transformers 5), the shape of the
     seeds' 30B-A3B student in miniature, with the same tokenizer.
     thinking: the same Llama with a template whose generation prompt opens the think block, as the seeds'
-    Thinking-2507 teacher's does (THINKING_TEMPLATE)."""
+    Thinking-2507 teacher's does (THINKING_TEMPLATE), taught the habit that goes with it (`_teach_thinking`)."""
     if moe and thinking:
         raise ValueError("the tiny model is either the MoE student or the thinking teacher, not both")
     dest = Path(dest or tiny_model_dir(moe, thinking))
@@ -134,12 +134,62 @@ def build_tiny_model(dest: str | Path | None = None, force: bool = False, seed: 
                                 num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], **common)
         model = Qwen3MoeForCausalLM(config).to(torch.bfloat16)
     else:
-        model = LlamaForCausalLM(LlamaConfig(intermediate_size=256, **common)).to(torch.bfloat16)
+        model = LlamaForCausalLM(LlamaConfig(intermediate_size=256, **common))
+        if thinking:
+            _teach_thinking(model, tokenizer, seed)
+        model = model.to(torch.bfloat16)
     tmp = dest.with_name(dest.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     _replace_dir(tmp, dest)
     return dest
+
+
+THINKING_DOUBLE_REASONING = "The letters and the small words decide it.\n"
+
+
+def _teach_thinking(model, tokenizer, seed: int) -> None:
+    """A few seconds of training so that the thinking double writes what Thinking-2507 writes after its template
+    opened the block: a short reasoning, `</think>`, a blank line, `Final Answer: <label>`, end of turn (a random
+    model never closes the block, so no stage could be tested past an unfinished reasoning). Trained on the last
+    96 tokens of the built-in tasks' teacher prompts, which end the same way; the label is the sample's gold one,
+    which a model this small does not learn to tell apart: the double answers in the format, not correctly.
+    Measured (2 AVX-512 cores): ~6 s; greedy, it closes its reasoning and answers on 10 of 11 held-out
+    language-id queries and skips straight to an answer without closing the block on the other (an unfinished
+    output, as a real thinking model's budget cut makes)."""
+    import random
+
+    import torch
+
+    from distill.tasks import builtin_tasks, load_task
+
+    rows = [json.loads(line) for line in sample_data_path().open(encoding="utf-8")][:64]
+    pairs = []
+    for name in builtin_tasks():
+        task = load_task(name)
+        for row in rows:
+            prompt = tokenizer.apply_chat_template(task.teacher_messages(row["text"]), add_generation_prompt=True,
+                                                   tokenize=False)
+            answer = f"{THINKING_DOUBLE_REASONING}</think>\n\nFinal Answer: {row['label']}{tokenizer.eos_token}"
+            pairs.append((tokenizer(prompt, add_special_tokens=False)["input_ids"][-96:],
+                          tokenizer(answer, add_special_tokens=False)["input_ids"]))
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        batch = rng.sample(pairs, 8)
+        width = max(len(p) + len(a) for p, a in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (p, a) in enumerate(batch):
+            ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+            labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+            mask[i, :len(p) + len(a)] = 1
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
 
 
 def sample_data_path() -> Path:
