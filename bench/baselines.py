@@ -54,6 +54,7 @@ def run_arm_latency(args) -> dict:
     the served latency is Serve itself: HTTP proxy, gateway deployment, handle calls (P6)."""
     import asyncio
 
+    from serve.arm_messages import ArmAnswer, ArmRequest
     from serve.arms import TEACHER_ROLE, LLMArm
     from serve.latency import CompareLatencyConfig, load_queries
 
@@ -64,8 +65,9 @@ def run_arm_latency(args) -> dict:
         latencies = []
         for i, query in enumerate(queries[:args.warmup] + queries):
             t = time.perf_counter()
-            answer = await arm.generate({"messages": [{"role": "user", "content": query}]})
-            assert "error" not in answer, answer
+            answer = await arm.generate(ArmRequest(messages=[{"role": "user", "content": query}],
+                                                   request_id=f"bench-{i}"))
+            assert isinstance(answer, ArmAnswer), answer
             if i >= args.warmup:
                 latencies.append(time.perf_counter() - t)
         return latencies

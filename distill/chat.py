@@ -63,6 +63,17 @@ def answer_start(texts: list[str]) -> int:
     return start
 
 
+def answer_start_of_ids(tokenizer, ids: list[int]) -> int:
+    """answer_start for generated token ids without their texts (a pass that asked no logprobs): the tail is
+    decoded from the end until it holds the last `</think>` (answers are short, reasoning long), then its tokens
+    one by one. 0 when the output has no `</think>`."""
+    for k in range(1, len(ids) + 1):
+        if THINK_CLOSE in tokenizer.decode(ids[-k:], skip_special_tokens=False):
+            first = len(ids) - k
+            return first + answer_start([tokenizer.decode([t], skip_special_tokens=False) for t in ids[first:]])
+    return 0
+
+
 def opens_reasoning(tokenizer, messages: list[dict], chat_template_kwargs: Optional[dict] = None) -> bool:
     """Does the model's generation prompt for `messages` open the think block itself (Qwen3-*-Thinking-2507)? Its
     output then starts inside the reasoning: `...</think>answer`, or no tag at all when the budget ran out."""
@@ -73,6 +84,23 @@ def opens_reasoning(tokenizer, messages: list[dict], chat_template_kwargs: Optio
 
 def prompt_opens_reasoning(prompt_text: str) -> bool:
     return prompt_text.rstrip().endswith(THINK_OPEN)
+
+
+# What follows an opening tag to make an empty, finished reasoning, as Qwen3's hybrid templates write one with
+# enable_thinking False: "<think>\n\n</think>\n\n".
+EMPTY_REASONING_CLOSE = "\n\n" + THINK_CLOSE + "\n\n"
+
+
+def prompt_after_reasoning(tokenizer, messages: list[dict], chat_template_kwargs: Optional[dict] = None) -> str:
+    """The generation prompt for `messages` with the reasoning over (empty): what the model writes next is its
+    answer. A hybrid template renders that itself with enable_thinking False; a template that opens the think
+    block regardless (Thinking-2507) gets it closed the way Qwen3's hybrid templates close an empty one. On-policy
+    scoring uses it: the teacher judges the student's answer as an answer, not as the start of its reasoning."""
+    kwargs = {**(chat_template_kwargs or {}), "enable_thinking": False}
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    if prompt_opens_reasoning(prompt):
+        prompt = prompt.rstrip("\n") + EMPTY_REASONING_CLOSE
+    return prompt
 
 
 def teacher_output(generated: str, opened: bool) -> str:

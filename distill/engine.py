@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -27,7 +28,11 @@ class EngineConfig(StrictModel):
     max_actors: int = Field(1, ge=1, description="Engine replicas Ray Data may scale up to (autoscaling).")
     batch_size: int = Field(16, ge=1, description="Rows per batch handed to one engine.")
     max_concurrent_batches: int = Field(4, ge=1, description="Batches in flight per engine (overlap).")
-    max_model_len: int = Field(4096, ge=64, description="Context length of the engine (prompt + answer).")
+    max_model_len: Optional[int] = Field(
+        None, ge=64, description="Context length of the engine (prompt + reasoning + answer). Unset: planned for "
+        "each pass from what it sends, the longest prompt plus its max_tokens (distill.engine.plan_pass), within "
+        "the model's own context. Set: checked against the same figure before the engine starts; a pass it cannot "
+        "hold is refused with both figures.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (GPU only).")
     gpu_memory_utilization: float = Field(0.90, gt=0, le=1, description="GPU memory fraction (GPU only).")
     kv_cache_memory_bytes: int = Field(
@@ -80,6 +85,8 @@ def engine_kwargs(config: EngineConfig, device: str, flags: Optional[Iterable[st
                   **extra: Any) -> dict[str, Any]:
     """vLLM engine arguments. `flags`: the CPU features of the node(s) the engine may run on (default: this
     machine's), which decide `dtype: auto` on CPU."""
+    if config.max_model_len is None:
+        raise ValueError("engine_kwargs: max_model_len is not planned yet (distill.engine.plan_pass)")
     kwargs: dict[str, Any] = dict(
         max_model_len=config.max_model_len,
         enable_prefix_caching=config.enable_prefix_caching,
@@ -119,7 +126,7 @@ def engine_env(config: EngineConfig) -> dict[str, str]:
 
 
 def processor_config(config: EngineConfig, model: str, chat_template_kwargs: Optional[dict] = None,
-                     lora_root: Optional[str] = None, **extra_engine_kwargs: Any):
+                     lora_root: Optional[str] = None, templated: bool = True, **extra_engine_kwargs: Any):
     """A `ray.data.llm` vLLM processor config: an autoscaling actor pool of engines over `model` (a local folder,
     a hub name or an object-store URI, which each engine's node downloads). `lora_root`: an object-store folder
     whose sub-folders are adapters, fetched by the engine that serves them."""
@@ -152,7 +159,9 @@ def processor_config(config: EngineConfig, model: str, chat_template_kwargs: Opt
         # imports transformers and loads the tokenizer, started for every pass (measured on 2 AVX-512 cores with
         # the tiny model, 8 requests, same tokens and top-k either way: 66.6 s -> 39.7 s for a cold pass, 40.3 s ->
         # 33.5 s for a warm one).
-        chat_template_stage={"num_cpus": config.side_stage_cpus, "chat_template_kwargs": chat_template_kwargs},
+        # templated=False: the rows carry their prompts already rendered (text or token ids).
+        chat_template_stage={"num_cpus": config.side_stage_cpus, "chat_template_kwargs": chat_template_kwargs}
+        if templated else False,
         tokenize_stage=False,
         detokenize_stage=False,
     )
@@ -197,27 +206,100 @@ def adapter_request_model(adapter: str) -> tuple[str, Optional[str]]:
     return os.path.abspath(adapter), None
 
 
+def model_context_limit(model: str) -> Optional[int]:
+    """The longest context `model` (a local folder, hub name or object-store URI) was built for: its config's
+    max_position_embeddings (the text model's, for a multimodal config). None, logged, when it cannot be read."""
+    try:
+        if "://" in model:
+            cfg = read_json(join(model, "config.json")) or {}
+            cfg = cfg.get("text_config", cfg)
+            return cfg.get("max_position_embeddings")
+        from transformers import AutoConfig
+
+        return getattr(AutoConfig.from_pretrained(model).get_text_config(), "max_position_embeddings", None)
+    except Exception as err:  # noqa: BLE001 - an unreadable config leaves the check to vLLM, and says so
+        log.warning("could not read the context length of %s (%s: %s): vLLM will check it at start-up", model,
+                    type(err).__name__, err)
+        return None
+
+
+def planned_engine(config: EngineConfig, model: str, need: int, what: str) -> EngineConfig:
+    """`config` with a max_model_len that holds `need` tokens (`what` needs them: a prompt, its reasoning and
+    answer budgets): the setting when it holds them, else a ConfigError naming both figures; unset, `need`
+    itself, refused when `model`'s own context is shorter. Called before the engine starts."""
+    if config.max_model_len is not None:
+        if need > config.max_model_len:
+            raise ConfigError(f"{what} needs {need} tokens of context, but engine.max_model_len is "
+                              f"{config.max_model_len}: raise it, or unset it to have it planned")
+        return config
+    limit = model_context_limit(model)
+    if limit is not None and need > limit:
+        raise ConfigError(f"{what} needs {need} tokens of context, more than the {limit} that {model} holds "
+                          "(max_position_embeddings): shorten the prompt or the task's budgets")
+    return config.model_copy(update={"max_model_len": need})
+
+
+def plan_pass(name: str, requests: list[dict], model: str, config: EngineConfig, tokenizer=None,
+              chat_template_kwargs: Optional[dict] = None) -> EngineConfig:
+    """The engine `config` for one pass of `requests` (rows with messages, a rendered prompt or prompt_token_ids;
+    and sampling_params) on `model`: the context its longest prompt needs, rendered and tokenized as the pass's
+    engine does it (the chat template with `chat_template_kwargs`, special tokens added), plus its max_tokens
+    (distill.engine.planned_engine). `tokenizer`: the model's (default: loaded from `model`)."""
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    need, longest, seen = 0, None, {}
+    for r in requests:
+        key = json.dumps(r.get("messages") or r.get("prompt") or r.get("prompt_token_ids"), sort_keys=True)
+        if key not in seen:
+            if "prompt_token_ids" in r:
+                seen[key] = len(r["prompt_token_ids"])
+            else:
+                text = r["prompt"] if "prompt" in r else tokenizer.apply_chat_template(
+                    r["messages"], add_generation_prompt=True, tokenize=False, **(chat_template_kwargs or {}))
+                seen[key] = len(tokenizer(text)["input_ids"])
+        total = seen[key] + r["sampling_params"].get("max_tokens", 16)
+        if total > need:
+            need, longest = total, (seen[key], r["sampling_params"].get("max_tokens", 16))
+    what = (f"{name} ({longest[0]} prompt tokens + max_tokens {longest[1]} in its longest request)" if longest
+            else name)
+    return planned_engine(config, model, max(need, 64), what)
+
+
 def run_requests(name: str, requests: list[dict], model: str, config: EngineConfig,
-                 chat_template_kwargs: Optional[dict] = None, adapter: Optional[str] = None,
+                 chat_template_kwargs: Optional[dict] = None, adapter: Optional[str] = None, tokenizer=None,
                  **extra_engine_kwargs: Any) -> tuple[dict[str, dict], float]:
     """One `ray.data.llm` engine pass over request rows {key, messages, sampling_params} (any mix of generation
-    and scoring requests: distill.scoring), through `adapter` when given. Returns ({key: result}, wall seconds
-    with start-up). A result: generated_text, generated_tokens, token_logprobs / topk_ids / topk_logprobs (when
-    the request asked for logprobs), token counts, latency_s, queue_s, ttft_s, decode_s, error."""
+    and scoring requests: distill.scoring; a pass may carry a rendered `prompt` or `prompt_token_ids` instead of
+    messages), through `adapter` when given, on an engine whose context is planned
+    for them (plan_pass; `tokenizer`: the model's, default loaded from `model`). Returns ({key: result}, wall
+    seconds with start-up). A result: generated_text, generated_tokens, token_logprobs / topk_ids /
+    topk_logprobs (when the request asked for logprobs), token counts, cut_by_length (a generation that used its
+    whole max_tokens: its answer may be cut), latency_s, queue_s, ttft_s, decode_s, error."""
     import ray
     from ray.data.llm import build_processor
 
     from distill.sampling import complete
     from distill.scoring import read_scores
 
+    config = plan_pass(name, requests, model, config, tokenizer, chat_template_kwargs)
     lora_model, lora_root = adapter_request_model(adapter) if adapter else (None, None)
     if adapter:
         extra_engine_kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank([adapter_rank(adapter)]),
                                    max_loras=1)
     top_k = max((r["sampling_params"].get("logprobs") or 0) for r in requests) if requests else 0
+    # One kind of prompt per pass: messages (templated by the pass), or prompts rendered by the caller, as text
+    # or token ids (ray.data.llm's tokenized_prompt).
+    kinds = {next((k for k in ("messages", "prompt", "prompt_token_ids") if k in r), None) for r in requests}
+    if len(kinds) > 1 or None in kinds:
+        raise ValueError(f"{name}: every request carries one of messages, prompt or prompt_token_ids, the same "
+                         f"in one pass; got {sorted(map(str, kinds))}")
+    prompt_kind = kinds.pop() if kinds else "messages"
+    row_field = {"messages": "messages", "prompt": "prompt", "prompt_token_ids": "tokenized_prompt"}[prompt_kind]
 
     def preprocess(row: dict) -> dict:
-        out = {"messages": row["messages"], "sampling_params": row["sampling_params"]}
+        out = {row_field: row[prompt_kind], "sampling_params": row["sampling_params"]}
         if lora_model:
             out["model"] = lora_model
         return out
@@ -252,7 +334,7 @@ def run_requests(name: str, requests: list[dict], model: str, config: EngineConf
     log.info("%s: %d requests on %s%s", name, len(requests), model, f" + LoRA {adapter}" if adapter else "")
     processor = build_processor(
         processor_config(config, model, chat_template_kwargs=chat_template_kwargs, lora_root=lora_root,
-                         **extra_engine_kwargs),
+                         templated=prompt_kind == "messages", **extra_engine_kwargs),
         preprocess=preprocess, postprocess=postprocess,
         preprocess_map_kwargs={"num_cpus": config.side_stage_cpus},
         postprocess_map_kwargs={"num_cpus": config.side_stage_cpus},
@@ -263,7 +345,7 @@ def run_requests(name: str, requests: list[dict], model: str, config: EngineConf
     # that is why every request carries the same fields with non-null values (distill.sampling.DEFAULTS).
     import pyarrow as pa
 
-    table = pa.Table.from_pylist([{"key": r["key"], "messages": r["messages"],
+    table = pa.Table.from_pylist([{"key": r["key"], prompt_kind: r[prompt_kind],
                                    "sampling_params": complete(r["sampling_params"])} for r in requests])
     ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=config.batch_size)
     results = {out["key"]: out for out in processor(ds).iter_rows()}
@@ -271,5 +353,12 @@ def run_requests(name: str, requests: list[dict], model: str, config: EngineConf
     missing = {r["key"] for r in requests} - set(results)
     if missing:
         raise RuntimeError(f"{name}: {len(missing)} requests came back without an answer, e.g. {sorted(missing)[:3]}")
+    for r in requests:  # ray.data.llm returns no finish reason: a generation that used every token it had was cut
+        sampling, result = complete(r["sampling_params"]), results[r["key"]]
+        result["cut_by_length"] = (not sampling["ignore_eos"] and not result["error"]
+                                   and result["num_generated_tokens"] >= sampling["max_tokens"])
+    cut = sum(results[r["key"]]["cut_by_length"] for r in requests)
+    if cut:
+        log.warning("%s: %d of %d answers used their whole max_tokens and may be cut", name, cut, len(requests))
     log.info("%s: done in %.1fs", name, wall)
     return results, wall

@@ -33,6 +33,8 @@ DATA_SCHEMA = pa.schema([
     ("samples", pa.int32()),                    # teacher samples drawn for this query
     ("agreement", pa.float32()),                # fraction of samples that gave the chosen answer
     ("teacher_token_ids", pa.list_(pa.int32())),  # the chosen sample's answer tokens (after any reasoning)
+    ("reasoning_token_ids", pa.list_(pa.int32())),  # a thinking teacher's tokens before them (reasoning, </think>):
+    #                                                 the context its soft labels are scored in
     ("topk_ids", pa.list_(pa.list_(pa.int32()))),  # per answer token: the teacher's top-k token ids
     ("topk_logprobs", pa.list_(pa.list_(pa.float32()))),  # ... and their log-probabilities
 ])

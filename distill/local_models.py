@@ -145,7 +145,8 @@ def build_tiny_model(dest: str | Path | None = None, force: bool = False, seed: 
     return dest
 
 
-THINKING_DOUBLE_REASONING = "The letters and the small words decide it.\n"
+# No word of it starts like a label (" de", " en", ...): with "decide" the double sometimes ended its turn there.
+THINKING_DOUBLE_REASONING = "The letters and the small words settle it.\n"
 
 
 def _teach_thinking(model, tokenizer, seed: int) -> None:
@@ -163,6 +164,8 @@ def _teach_thinking(model, tokenizer, seed: int) -> None:
 
     from distill.tasks import builtin_tasks, load_task
 
+    STEPS = 200
+
     rows = [json.loads(line) for line in sample_data_path().open(encoding="utf-8")][:64]
     pairs = []
     for name in builtin_tasks():
@@ -171,13 +174,15 @@ def _teach_thinking(model, tokenizer, seed: int) -> None:
             prompt = tokenizer.apply_chat_template(task.teacher_messages(row["text"]), add_generation_prompt=True,
                                                    tokenize=False)
             answer = f"{THINKING_DOUBLE_REASONING}</think>\n\nFinal Answer: {row['label']}{tokenizer.eos_token}"
-            pairs.append((tokenizer(prompt, add_special_tokens=False)["input_ids"][-96:],
+            pairs.append((tokenizer(prompt, add_special_tokens=False)["input_ids"],
                           tokenizer(answer, add_special_tokens=False)["input_ids"]))
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(150):
-        batch = rng.sample(pairs, 8)
+    for _ in range(STEPS):
+        # Prompt tails of random length: the habit then follows the generation prompt, whatever comes before it
+        # (another task's prompt, a user's).
+        batch = [(p[-rng.randint(24, 96):], a) for p, a in rng.sample(pairs, 8)]
         width = max(len(p) + len(a) for p, a in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id)
         labels = torch.full((len(batch), width), -100)

@@ -18,14 +18,15 @@ def guided_choice(choices: list[str], max_tokens: int) -> dict[str, Any]:
             "max_tokens": max(max_tokens, TaskSpec.choice_budget(choices))}
 
 
-def teacher_sampling(task: TaskSpec, temperature: Optional[float] = None, max_tokens: Optional[int] = None,
-                     logprobs: int = 0) -> dict[str, Any]:
-    """The teacher's request: the task's sampling defaults (overridable), guided to the canonical answers when the
-    task constrains its teacher, and its top-k logprobs per answer token when asked for (soft labels)."""
+def teacher_sampling(task: TaskSpec, temperature: Optional[float] = None, logprobs: int = 0) -> dict[str, Any]:
+    """The teacher's request: the task's sampling defaults (temperature overridable), guided to the canonical
+    answers when the task constrains its teacher, and its top-k logprobs per answer token when asked for (soft
+    labels). max_tokens is the engine's: the reasoning budget plus the answer's (TaskSpec.teacher_budget; a run's
+    overrides go through TaskSpec.with_teacher_budgets)."""
     params: dict[str, Any] = {
         "temperature": task.teacher.temperature if temperature is None else temperature,
         "top_p": task.teacher.top_p,
-        "max_tokens": max_tokens or task.teacher.max_tokens,
+        "max_tokens": task.teacher_budget(),
     }
     choices = task.canonical_answers() if task.teacher.constrained else None
     if choices:

@@ -78,7 +78,13 @@ class AnswerSpec(StrictModel):
 class TeacherSpec(StrictModel):
     temperature: float = Field(0.15, ge=0.0, le=2.0, description="Teacher sampling temperature.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Teacher nucleus sampling.")
-    max_tokens: int = Field(256, ge=1, description="Most tokens the teacher may write, reasoning included.")
+    max_tokens: int = Field(256, ge=1, description="Most tokens of the teacher's answer (after its reasoning, "
+                            "for a teacher that thinks).")
+    reasoning_tokens: int = Field(
+        0, ge=0, description="Most tokens a thinking teacher may reason before its answer (Qwen3-Thinking-2507: "
+        "thousands). The engine's budget is reasoning_tokens + max_tokens; a reasoning still open when it runs out "
+        "is unfinished, never an answer. Required (> 0) when thinks is true or the teacher's template opens the "
+        "think block itself.")
     thinks: bool = Field(False, description="The teacher reasons in <think>...</think> before answering.")
     constrained: bool = Field(
         False, description="Constrain the teacher's decoding to the canonical answers of the label set."
@@ -131,6 +137,9 @@ class TaskSpec(StrictModel):
                 "teacher.constrained: cannot be combined with teacher.thinks (constrained decoding would forbid "
                 "the reasoning); rely on the parser and retries for thinking teachers"
             )
+        if self.teacher.thinks and self.teacher.reasoning_tokens == 0:
+            raise ValueError("teacher.thinks: a thinking teacher needs a reasoning budget (teacher.reasoning_tokens "
+                             "> 0; the answer's own budget is teacher.max_tokens)")
         return self
 
     # -- what each model sees -------------------------------------------------------------------------------
@@ -147,10 +156,41 @@ class TaskSpec(StrictModel):
         enable_thinking, other templates ignore it."""
         return {"enable_thinking": self.teacher.thinks}
 
-    def teacher_opens_reasoning(self, tokenizer) -> bool:
+    def teacher_opens_reasoning(self, tokenizer, teacher: str = "the teacher") -> bool:
         """Does the teacher's template (its `tokenizer`'s) open the think block itself (Thinking-2507)? Its output
-        is then read behind that tag (distill.chat.teacher_output)."""
-        return opens_reasoning(tokenizer, self.teacher_messages("?"), self.teacher_template_kwargs())
+        is then read behind that tag (distill.chat.teacher_output). Such a teacher must be given a reasoning
+        budget and cannot be constrained to the answers: a ConfigError says so (`teacher` names it), before any
+        engine starts."""
+        opened = opens_reasoning(tokenizer, self.teacher_messages("?"), self.teacher_template_kwargs())
+        if opened and self.teacher.constrained:
+            raise ConfigError(
+                f"task {self.name!r} constrains the teacher to its answers (teacher.constrained), but the chat "
+                f"template of {teacher} opens a think block: the answer would be forced inside the reasoning, "
+                "which never closes. Use a task with teacher.thinks: true and constrained: false (for example "
+                "configs/tasks/language-id-thinking.yaml)")
+        if opened and self.teacher.reasoning_tokens == 0:
+            raise ConfigError(
+                f"the chat template of {teacher} opens a think block, but task {self.name!r} gives the teacher no "
+                f"reasoning budget (teacher.reasoning_tokens: 0): its teacher.max_tokens="
+                f"{self.teacher.max_tokens} would be spent reasoning and no answer written. Set "
+                "teacher.reasoning_tokens (and thinks: true), as configs/tasks/language-id-thinking.yaml does")
+        return opened
+
+    def teacher_budget(self) -> int:
+        """The teacher engine's max_tokens: the reasoning budget plus the answer's."""
+        return self.teacher.reasoning_tokens + self.teacher.max_tokens
+
+    def with_teacher_budgets(self, max_tokens: Optional[int] = None,
+                             reasoning_tokens: Optional[int] = None) -> "TaskSpec":
+        """This task with a run's overrides of the teacher's budgets (None: the task's), checked as the task is."""
+        update = {k: v for k, v in (("max_tokens", max_tokens), ("reasoning_tokens", reasoning_tokens))
+                  if v is not None}
+        if not update:
+            return self
+        try:
+            return TaskSpec.model_validate({**self.model_dump(), "teacher": {**self.teacher.model_dump(), **update}})
+        except ValueError as err:
+            raise ConfigError(f"task {self.name!r} with {update}: {err}") from None
 
     @staticmethod
     def student_messages(query: str, answer: Optional[str] = None) -> list[dict[str, str]]:
@@ -177,7 +217,7 @@ class TaskSpec(StrictModel):
     def parse(self, raw: str) -> ParsedAnswer:
         reasoning, visible, finished = split_reasoning(raw)
         if not finished:
-            return ParsedAnswer(raw, reasoning, visible, None, "reasoning not finished (raise max_tokens)")
+            return ParsedAnswer(raw, reasoning, visible, None, "reasoning not finished (raise teacher.reasoning_tokens)")
         if self.answer.type == "free_text":
             if len(visible) < self.answer.min_chars:
                 return ParsedAnswer(raw, reasoning, visible, None, f"answer shorter than {self.answer.min_chars} chars")

@@ -24,7 +24,7 @@ from typing import Any
 
 from distill.checkpoints import AttemptClock
 from distill.config import check_settings
-from distill.engine import run_requests
+from distill.engine import plan_pass, run_requests
 from distill.evaluate.config import RERUN_FREE, EvalConfig
 from distill.scoring import ENGINE_ARGS
 from distill.storage import join, read_json
@@ -58,14 +58,21 @@ def main(config: EvalConfig) -> dict[str, Any]:
         # One engine per model, one after another, so no pass is timed while another one computes. The base and
         # the distilled student never share a LoRA-enabled engine: on vLLM CPU (0.32) a batch that mixed requests
         # with and without a LoRA applied the adapter to the base requests too.
-        opened = task.teacher_opens_reasoning(AutoTokenizer.from_pretrained(inputs.teacher))
+        teacher_tokenizer = AutoTokenizer.from_pretrained(inputs.teacher)
+        opened = task.teacher_opens_reasoning(teacher_tokenizer, inputs.teacher)
+        runs = (("teacher", "teacher", inputs.teacher, teacher_tokenizer,
+                 {"chat_template_kwargs": task.teacher_template_kwargs()}),
+                ("base", "base student", inputs.student, tokenizer, {}),
+                ("student", "distilled student", model, tokenizer, {"adapter": adapter}))
+        # Every pass's context planned (or its setting checked) before the first engine starts.
+        for run, name, engine_model, run_tokenizer, kwargs in runs:
+            plan_pass(name, requests[run], engine_model, config.engine, run_tokenizer,
+                      kwargs.get("chat_template_kwargs"))
         passes = {}
-        for run, name, engine_model, kwargs in (
-                ("teacher", "teacher", inputs.teacher, {"chat_template_kwargs": task.teacher_template_kwargs()}),
-                ("base", "base student", inputs.student, {}),
-                ("student", "distilled student", model, {"adapter": adapter})):
+        for run, name, engine_model, run_tokenizer, kwargs in runs:
             passes[run] = EnginePass(*run_requests(name, requests[run], engine_model, config.engine,
-                                                   seed=config.seed, **ENGINE_ARGS, **kwargs))
+                                                   seed=config.seed, tokenizer=run_tokenizer, **ENGINE_ARGS,
+                                                   **kwargs))
         if opened:  # its outputs start inside the think block its template opened
             passes["teacher"] = passes["teacher"].behind_opened_reasoning()
         report, details = build_report(config, inputs, passes, planned, serving, tokenizer, clock.total_s())

@@ -21,10 +21,11 @@ import time
 from typing import Any
 
 from distill.checkpoints import AttemptClock
-from distill.config import ConfigError, check_settings
+from distill.config import check_settings
 from distill.engine import engine_facts
 from distill.generate.config import GenerateConfig
-from distill.generate.steps import (account, attempt_dir, data_dir, prepare, rejects_dir, run_attempt,
+from distill.generate.soft_labels import score_answers
+from distill.generate.steps import (account, attempt_dir, data_dir, prepare, reasons, rejects_dir, run_attempt,
                                     settings_fingerprint)
 from distill.sampling import teacher_sampling
 from distill.storage import clean_temporaries, join, read_json, write_json
@@ -40,26 +41,23 @@ def main(config: GenerateConfig) -> dict[str, Any]:
 
     out = config.output
     manifest_path = join(out, "manifest.json")
-    task = load_task(config.task)
-    sampling = teacher_sampling(task, config.temperature, config.max_tokens, config.logprobs)
+    task = load_task(config.task).with_teacher_budgets(config.max_tokens, config.reasoning_tokens)
+    # Before any work: does the teacher's template open a think block (Qwen3-*-Thinking-2507)?
+    tokenizer = AutoTokenizer.from_pretrained(config.teacher)
+    opened = task.teacher_opens_reasoning(tokenizer, config.teacher)
+    if opened:
+        log.info("the teacher's template opens the think block: an output without </think> is an unfinished "
+                 "reasoning, never an answer")
+    # A teacher that reasons is asked no logprobs while it generates: they would cover every reasoning token
+    # (thousands) where only the answer's are kept. Its answers are scored after the reasoning instead.
+    soft_labels_after = config.logprobs > 0 and reasons(task, opened)
+    sampling = teacher_sampling(task, config.temperature, 0 if soft_labels_after else config.logprobs)
     # Before anything is reused: a complete or partial output made with other settings is an error, not a skip.
     check_settings(join(out, "settings.json"), settings_fingerprint(config, task, sampling), "a generation run")
     existing = read_json(manifest_path)
     if existing is not None and existing.get("complete"):
         log.info("%s is complete already (%d rows written); nothing to do", out, existing["rows_written"])
         return existing
-    # Before any work: does the teacher's template open a think block (Qwen3-*-Thinking-2507)?
-    tokenizer = AutoTokenizer.from_pretrained(config.teacher)
-    opened = task.teacher_opens_reasoning(tokenizer)
-    if opened and "structured_outputs" in sampling:
-        raise ConfigError(
-            f"task {task.name!r} constrains the teacher to its answers (teacher.constrained), but the chat "
-            f"template of {config.teacher} opens a think block: the answer would be forced inside the reasoning, "
-            "which never closes. Use a task with teacher.thinks: true and constrained: false (for example "
-            "configs/tasks/language-id-thinking.yaml)")
-    if opened:
-        log.info("the teacher's template opens the think block: an output without </think> is an unfinished "
-                 "reasoning, never an answer")
 
     with AttemptClock(out) as clock:
         t0 = time.monotonic()
@@ -67,6 +65,12 @@ def main(config: GenerateConfig) -> dict[str, Any]:
         for d in (data_dir(out), rejects_dir(out)):
             clean_temporaries(d)
         prepared = prepare(config, task, tokenizer, sampling)
+        # The teacher's engine holds the prompt, the longest query staged and the teacher's whole budget.
+        config = config.model_copy(update={"engine": config.engine.model_copy(
+            update={"max_model_len": prepared["max_model_len"]})})
+        log.info("teacher engine context: %d tokens (prompt %d + longest query %d + the teacher's budget %d)",
+                 prepared["max_model_len"], prepared["prompt_tokens"], prepared["longest_query_tokens"],
+                 sampling["max_tokens"])
 
         # 2. Teacher pass: the first attempt, then retries of the unparseable answers
         attempts = {}
@@ -77,9 +81,10 @@ def main(config: GenerateConfig) -> dict[str, Any]:
         if prepared["queries"]:
             for attempt in range(config.retries + 1):
                 clean_temporaries(attempt_dir(out, attempt + 1))
-                counts = run_attempt(config, task, sampling, attempt, opened)
+                counts = run_attempt(config, task, sampling, attempt, opened, tokenizer)
                 if counts:
                     attempts[str(attempt)] = dict(counts)
+        soft_labels = score_answers(config, task, tokenizer) if soft_labels_after else None
 
         # 3. Accounting, and the manifest that proves it
         manifest = {
@@ -90,7 +95,10 @@ def main(config: GenerateConfig) -> dict[str, Any]:
             "prompt_tokens_per_query": prepared["prompt_tokens"],
             "sampling": {k: v for k, v in sampling.items() if k != "structured_outputs"},
             "constrained": "structured_outputs" in sampling,
-            "template_opens_reasoning": opened,
+            "template_opens_reasoning": opened, "max_model_len": prepared["max_model_len"],
+            # A reasoning teacher's top-k, scored at its answers after generation (None: taken while generating).
+            "soft_labels_after_reasoning": soft_labels,
+            "cut_by_length": sum(a.get("cut_by_length", 0) for a in attempts.values()),
             "samples": config.samples, "retries": config.retries, "engine": engine,
             "timings": {"prepare_s": round(prepared["seconds"], 3),
                         "total_s_this_run": round(time.monotonic() - t0, 3),

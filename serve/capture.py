@@ -28,6 +28,7 @@ from distill.formats import DATA_SCHEMA
 from distill.inputs import content_id
 from distill.storage import ShardWriter, join, read_ids, read_json, write_json
 from distill.tasks import TaskSpec
+from serve.arm_messages import ArmAnswer
 
 log = logging.getLogger("distill.serve.capture")
 
@@ -70,14 +71,14 @@ class Capture:
         log.info("capturing teacher answers into %s (%d queries there already)", self.data_uri, len(self.seen))
         return self
 
-    def row(self, messages: list[dict], teacher: dict) -> Optional[dict]:
+    def row(self, messages: list[dict], teacher: ArmAnswer) -> Optional[dict]:
         """The training example for a teacher answer, or None (counted) when it is not one to write. Marks the
         query as seen, so a second answer to it is a duplicate even before the first is written."""
         if len(messages) != 1 or messages[0]["role"] != "user":
             self.skipped["conversation"] += 1
             return None
         text = messages[0]["content"].strip()
-        parsed = self.task.parse(teacher["raw"])
+        parsed = self.task.parse(teacher.raw)
         if parsed.answer is None:
             self.skipped["unparsable"] += 1
             return None
@@ -91,9 +92,9 @@ class Capture:
             "id": rid, "text": text, "messages": TaskSpec.student_messages(text, parsed.answer),
             "answer": parsed.answer, "label": self.task.label_of(parsed.answer), "gold": None,
             "teacher_output": parsed.raw, "reasoning": parsed.reasoning,
-            "prompt_tokens": teacher["prompt_tokens"], "output_tokens": teacher["completion_tokens"],
+            "prompt_tokens": teacher.prompt_tokens, "output_tokens": teacher.completion_tokens,
             "teacher": self.teacher, "task": self.task.name, "attempt": 0, "samples": 1, "agreement": 1.0,
-            "teacher_token_ids": None, "topk_ids": None, "topk_logprobs": None,
+            "teacher_token_ids": None, "reasoning_token_ids": None, "topk_ids": None, "topk_logprobs": None,
         }
 
     async def write(self, row: dict) -> None:

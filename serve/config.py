@@ -114,7 +114,9 @@ class ArmConfig(StrictModel):
     temperature: Optional[float] = Field(
         None, ge=0.0, le=2.0, description="Default temperature when a request gives none (default: the task's).")
     max_tokens: Optional[int] = Field(
-        None, ge=1, description="max_tokens of a request that gives none (default: the task's).")
+        None, ge=1, description="max_tokens of a request that gives none (default: the task's). It bounds the "
+        "visible answer: a thinking teacher also gets the task's reasoning budget (teacher.reasoning_tokens) "
+        "before it.")
     engine: EngineConfig = Field(
         default_factory=lambda: EngineConfig(max_model_len=2048, kv_cache_memory_bytes=256 * 1024**2),
         description="vLLM engine settings (device, max_model_len, kv_cache_memory_bytes, dtype, engine_kwargs, "

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
 from distill.tasks import load_task
+from serve.arm_messages import ArmAnswer, ArmRefusal, ArmRequest
 from serve.auth import Keys
 from serve.capture import Capture
 from serve.config import STUDENT_MODEL, TEACHER_MODEL, ServeConfig
@@ -169,7 +170,7 @@ class Gateway:
         raise ApiError(404, f"model {model!r} does not exist; served models: {', '.join(self.model_names())}",
                        "model")
 
-    async def _call(self, arm: str, req: dict) -> dict:
+    async def _call(self, arm: str, req: ArmRequest) -> Union[ArmAnswer, ArmRefusal]:
         response = self.handles[arm].generate.remote(req)
         try:
             return await asyncio.wait_for(_awaited(response), self.config.request_timeout_s)
@@ -186,20 +187,19 @@ class Gateway:
             log.exception("%s call failed", arm)
             raise ApiError(503, f"the {arm} engine failed: {type(err).__name__}: {err}") from None
 
-    async def _answer(self, arm: str, req: dict) -> dict:
-        """The arm's whole answer; an ApiError for an error it answered with or a failed call."""
+    async def _answer(self, arm: str, req: ArmRequest) -> ArmAnswer:
+        """The arm's whole answer; an ApiError for a refusal or a failed call."""
         result = await self._call(arm, req)
-        if "error" in result:
-            raise ApiError(result["error"]["status"], result["error"]["message"])
+        if isinstance(result, ArmRefusal):
+            raise ApiError(result.status, result.message)
         return result
 
-    def _respond(self, chat: ChatRequest, arm: str, result: dict, started: float, engine_s: float,
+    def _respond(self, chat: ChatRequest, arm: str, result: ArmAnswer, started: float, engine_s: float,
                  cascade: Optional[dict] = None) -> JSONResponse:
-        body = chat_completion(completion_id(), chat.model, result) | {"arm": arm,
-                                                                       "confidence": result["confidence"]}
+        body = chat_completion(completion_id(), chat.model, result) | {"arm": arm, "confidence": result.confidence}
         if cascade is not None:
             body["cascade"] = cascade
-        response = JSONResponse(body, headers=answer_headers(arm, result["confidence"], cascade))
+        response = JSONResponse(body, headers=answer_headers(arm, result.confidence, cascade))
         # Everything but the arms' own time, the body's serialisation included (the response is built).
         overhead = time.perf_counter() - started - engine_s
         self.rollout.record_overhead(overhead)
@@ -220,21 +220,20 @@ class Gateway:
     async def _record_error(self, route: Route, status: int) -> None:
         await self._rolled_back(self.rollout.record_error(route, status))
 
-    async def _record_answer(self, route: Route, started: float, result: dict, text: str,
-                             messages: list[dict]) -> None:
+    async def _record_answer(self, route: Route, started: float, result: ArmAnswer, messages: list[dict]) -> None:
         await self._rolled_back(self.rollout.record_request(
-            route, time.perf_counter() - started, result["prompt_tokens"], result["completion_tokens"], text,
-            result["cached_tokens"]))
+            route, time.perf_counter() - started, result.prompt_tokens, result.completion_tokens, result.text,
+            result.cached_tokens))
         if route.arm == TEACHER and route.stage is not None:
             self._capture(messages, result)
-        self._maybe_shadow(route, messages, text)
+        self._maybe_shadow(route, messages, result.text)
 
     def _maybe_shadow(self, route: Route, messages: list[dict], student_text: str) -> None:
         # Shadow only answers of the current stage: a result of an earlier one would be thrown away as stale.
         if route.arm == STUDENT and route.stage == self.rollout.stage and self.rollout.should_shadow():
             self._in_background(self._shadow(route.stage, messages, student_text))
 
-    def _capture(self, messages: list[dict], teacher: dict) -> None:
+    def _capture(self, messages: list[dict], teacher: ArmAnswer) -> None:
         """Keep a successful teacher answer as training data (when capture is on), written in the background."""
         if self.capture is not None and (row := self.capture.row(messages, teacher)) is not None:
             self._in_background(self.capture.write(row))
@@ -244,14 +243,15 @@ class Gateway:
         try:
             # The teacher's own defaults (temperature, max_tokens, guided decoding): the comparison is with the
             # answer production would get from it, whatever sampling the client asked the student for.
-            result = await self._call(TEACHER, {"messages": messages, "request_id": f"shadow-{uuid.uuid4().hex}"})
-            if "error" not in result:
+            result = await self._call(TEACHER, ArmRequest(messages=messages,
+                                                          request_id=f"shadow-{uuid.uuid4().hex}"))
+            if isinstance(result, ArmAnswer):
                 teacher = result
         except ApiError as err:
             log.warning("shadow request to the teacher failed: %s", err.message)
         finally:
             await self._rolled_back(self.rollout.record_shadow(
-                stage, teacher and teacher["text"], student_text, teacher_tokens=teacher))
+                stage, teacher and teacher.text, student_text, teacher_tokens=teacher))
         if teacher is not None:
             self._capture(messages, teacher)
 
@@ -277,9 +277,9 @@ class Gateway:
         user = chat.user or request.headers.get(self.config.rollout.user_header)
         route, adapter = self._resolve(chat.model, user)
         messages = chat.plain_messages()
-        req = {"messages": messages, "adapter": adapter, "max_tokens": chat.requested_max_tokens(),
-               "temperature": chat.temperature, "top_p": chat.top_p, "stop": chat.stops(),
-               "request_id": uuid.uuid4().hex}
+        req = ArmRequest(messages=messages, request_id=uuid.uuid4().hex, adapter=adapter,
+                         max_tokens=chat.requested_max_tokens(), temperature=chat.temperature, top_p=chat.top_p,
+                         stop=chat.stops())
         if route.cascade:
             return await self._cascade(chat, route, req, started)
         if chat.stream:
@@ -289,26 +289,26 @@ class Gateway:
         except ApiError as err:
             await self._record_error(route, err.status)
             raise
-        await self._record_answer(route, started, result, result["text"], messages)
-        return self._respond(chat, route.arm, result, started, result["engine_s"])
+        await self._record_answer(route, started, result, messages)
+        return self._respond(chat, route.arm, result, started, result.engine_s)
 
-    async def _stream(self, chat: ChatRequest, route: Route, req: dict, started: float,
+    async def _stream(self, chat: ChatRequest, route: Route, req: ArmRequest, started: float,
                       cascade: Optional[dict] = None, on_error=None, on_done=None) -> StreamingResponse:
         """The arm's answer as it is generated. `on_error(status)` / `on_done(result)` record the outcome
         (default: the route's request or error)."""
         async def failed(status: int) -> None:
             await (on_error(status) if on_error else self._record_error(route, status))
 
-        async def done(result: dict) -> None:
+        async def done(result: ArmAnswer) -> None:
             if on_done:
                 await on_done(result)
             else:
-                await self._record_answer(route, started, result, result["text"], req["messages"])
+                await self._record_answer(route, started, result, req.messages)
 
         return await relay_stream(self.handles[route.arm], route.arm, chat, req, self.config.request_timeout_s,
                                   answer_headers(route.arm, None, cascade), failed, done)
 
-    async def _cascade(self, chat: ChatRequest, route: Route, req: dict, started: float):
+    async def _cascade(self, chat: ChatRequest, route: Route, req: ArmRequest, started: float):
         """The student first; below the threshold (or failing) the same request goes to the teacher, whose
         answer is returned. Decided before the first byte, streamed or not: the student's answer is taken whole
         (for free text too: a cascade buffers the student), and a deferred stream is the teacher's own stream."""
@@ -324,25 +324,25 @@ class Gateway:
         student_s = time.perf_counter() - t0
         kept, reason = self.rollout.cascade_decision(student) if student else (False, "student_error")
         decision = {"decision": "kept" if kept else "deferred", "reason": reason, "threshold": self.rollout.threshold,
-                    "student_confidence": student["confidence"] if student else None}
+                    "student_confidence": student.confidence if student else None}
         if kept:
             await self._rolled_back(self.rollout.record_cascade(route, student, None, student_s, True, reason))
-            self._maybe_shadow(route, req["messages"], student["text"])
+            self._maybe_shadow(route, req.messages, student.text)
             if chat.stream:
-                return whole_answer_stream(chat, student, answer_headers(STUDENT, student["confidence"], decision))
-            return self._respond(chat, STUDENT, student, started, student["engine_s"], decision)
+                return whole_answer_stream(chat, student, answer_headers(STUDENT, student.confidence, decision))
+            return self._respond(chat, STUDENT, student, started, student.engine_s, decision)
 
-        teacher_req = {**req, "adapter": None}
+        teacher_req = req.for_teacher()
         t1 = time.perf_counter()
 
         async def teacher_failed(status: int) -> None:
             await self._rolled_back(self.rollout.record_cascade(
                 route, student, student_status, student_s, False, reason, None, status))
 
-        async def teacher_answered(teacher: dict) -> None:
+        async def teacher_answered(teacher: ArmAnswer) -> None:
             await self._rolled_back(self.rollout.record_cascade(
                 route, student, student_status, student_s, False, reason, teacher, None, time.perf_counter() - t1))
-            self._capture(req["messages"], teacher)
+            self._capture(req.messages, teacher)
 
         if chat.stream:
             return await self._stream(chat, Route(TEACHER, route.stage), teacher_req, started, decision,
@@ -354,7 +354,7 @@ class Gateway:
             raise
         await teacher_answered(teacher)
         return self._respond(chat, TEACHER, teacher, started,
-                             (student["engine_s"] if student else 0.0) + teacher["engine_s"], decision)
+                             (student.engine_s if student else 0.0) + teacher.engine_s, decision)
 
     # -- operations -------------------------------------------------------------------------------------------
     @api.get("/stats")

@@ -10,6 +10,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.chat import THINK_CLOSE, THINK_OPEN
+from serve.arm_messages import ArmAnswer, StreamEnd
 
 
 # distill's own headers on every answer (see serve/gateway.py)
@@ -134,20 +135,22 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def chat_completion(cid: str, model: str, result: dict) -> dict:
-    message = {"role": "assistant", "content": result["text"]}
-    if result.get("reasoning") is not None:
-        message["reasoning_content"] = result["reasoning"]
+def chat_completion(cid: str, model: str, result: ArmAnswer) -> dict:
+    message = {"role": "assistant", "content": result.text}
+    if result.reasoning is not None:
+        message["reasoning_content"] = result.reasoning
     return {
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": result["finish_reason"], "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason, "logprobs": None}],
         "usage": usage(result),
     }
 
 
-def usage(result: dict) -> dict:
-    return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-            "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
+def usage(result: Union[ArmAnswer, StreamEnd]) -> dict:
+    """OpenAI's usage block: completion tokens count the reasoning too, which its details break out."""
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+            "completion_tokens_details": {"reasoning_tokens": result.reasoning_tokens}}
 
 
 def chunk(cid: str, model: str, created: int, delta: dict, finish_reason: Optional[str] = None,

@@ -37,6 +37,7 @@ from distill.metrics import quantile
 from distill.selective import keeps
 from distill.tasks import TaskSpec
 from serve.config import RolloutConfig
+from serve.arm_messages import ArmAnswer, TokenCounts
 from serve.metrics import ArmStats
 from serve.rollout_rules import RULES, RuleReading, rule_readings
 from serve.selective import CASCADE, MODES, Cascade, Drift, Savings, check_threshold
@@ -181,8 +182,7 @@ class Rollout:
                        answer: str, cached_tokens: int = 0) -> Optional[dict]:
         """One answered request (`answer`: its visible text). Returns the rollback event if it caused one."""
         self.arms[route.arm].record(latency_s, prompt_tokens, completion_tokens)
-        tokens = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "cached_tokens": cached_tokens}
+        tokens = TokenCounts(prompt_tokens, completion_tokens, cached_tokens)
         teacher_usd = self.savings.teacher_answer(tokens) if route.arm == TEACHER else None
         if route.stage is not None:
             self.routed[route.arm] += 1
@@ -208,42 +208,42 @@ class Rollout:
         return self.check_rollback()
 
     # -- the cascade ------------------------------------------------------------------------------------------
-    def cascade_decision(self, student: dict) -> tuple[bool, str]:
+    def cascade_decision(self, student: ArmAnswer) -> tuple[bool, str]:
         """(keep the student's answer, why) for a cascaded request the student answered."""
-        if self.names_no_label(student["text"]):
+        if self.names_no_label(student.text):
             return False, "no_label"
-        if student.get("confidence") is None:
+        if student.confidence is None:
             return False, "no_confidence"
-        if not keeps(student["confidence"], self.threshold):  # the report's rule (distill.selective)
+        if not keeps(student.confidence, self.threshold):  # the report's rule (distill.selective)
             return False, "low_confidence"
         return True, "confident"
 
-    def record_cascade(self, route: Route, student: Optional[dict], student_status: Optional[int],
-                       student_latency_s: float, kept: bool, reason: str, teacher: Optional[dict] = None,
+    def record_cascade(self, route: Route, student: Optional[ArmAnswer], student_status: Optional[int],
+                       student_latency_s: float, kept: bool, reason: str, teacher: Optional[ArmAnswer] = None,
                        teacher_status: Optional[int] = None, teacher_latency_s: Optional[float] = None
                        ) -> Optional[dict]:
         """One cascaded request, once it is over: the student's result (None: it failed with `student_status`, a
         5xx), the decision, and for a deferred request the teacher's result (None: it failed with
         `teacher_status`, and the client got that error). Returns the rollback event if it caused one."""
         if student is not None:
-            self.arms[STUDENT].record(student_latency_s, student["prompt_tokens"], student["completion_tokens"])
+            self.arms[STUDENT].record(student_latency_s, student.prompt_tokens, student.completion_tokens)
         else:
             self.arms[STUDENT].errors[student_status] += 1
         teacher_usd = None
         if teacher is not None:
-            self.arms[TEACHER].record(teacher_latency_s, teacher["prompt_tokens"], teacher["completion_tokens"])
-            teacher_usd = self.savings.teacher_answer(teacher)
+            self.arms[TEACHER].record(teacher_latency_s, teacher.prompt_tokens, teacher.completion_tokens)
+            teacher_usd = self.savings.teacher_answer(teacher.tokens)
         elif teacher_status is not None:
             self.arms[TEACHER].errors[teacher_status] += 1
         self.cascade.record(kept, reason, teacher_failed=not kept and teacher is None)
         answered_by = STUDENT if kept else TEACHER if teacher is not None else None
-        self.savings.routed(answered_by, student, teacher_usd)
+        self.savings.routed(answered_by, student and student.tokens, teacher_usd)
         if answered_by is not None:
             self.routed[answered_by] += 1
-            self.drift.observe_label((student if kept else teacher)["text"])
+            self.drift.observe_label((student if kept else teacher).text)
         self.drift.observe_deferral(not kept)
         if not kept and student is not None and teacher is not None:
-            Cascade.count(self.cascade.deferred_comparisons, compare(self.task, teacher["text"], student["text"]))
+            Cascade.count(self.cascade.deferred_comparisons, compare(self.task, teacher.text, student.text))
         self._check_drift()
         self.revision += 1
         if not self._in_window(route, "answer" if student is not None else "error"):
@@ -278,12 +278,12 @@ class Rollout:
         return True
 
     def record_shadow(self, stage: int, teacher_visible: Optional[str], student_visible: str,
-                      teacher_tokens: Optional[dict] = None) -> Optional[dict]:
+                      teacher_tokens: Optional[ArmAnswer] = None) -> Optional[dict]:
         """The teacher's shadow answer to a request routed in `stage` arrived (None: the shadow call failed;
         `teacher_tokens`: its token counts, which the shadow cost). Returns a rollback event if any."""
         self.shadow_in_flight -= 1
         if teacher_tokens is not None:
-            self.savings.teacher_answer(teacher_tokens, shadow=True)
+            self.savings.teacher_answer(teacher_tokens.tokens, shadow=True)
             self.revision += 1
         if teacher_visible is None:
             self.shadow["failed"] += 1

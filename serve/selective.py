@@ -28,6 +28,7 @@ from distill.agreement import Comparison
 from distill.config import ConfigError, StrictModel
 from distill.cost import CostConfig, request_cost
 from distill.tasks import TaskSpec
+from serve.arm_messages import TokenCounts
 
 log = logging.getLogger("distill.serve.selective")
 
@@ -201,21 +202,21 @@ class Savings:
         self.teacher_answers = 0  # every teacher answer seen, for the mean
         self.teacher_answers_usd = 0.0
 
-    def price(self, arm: str, result: dict) -> float:
+    def price(self, arm: str, tokens: TokenCounts) -> float:
         price = self.prices.teacher if arm == "teacher" else self.prices.student
-        return request_cost(price, result["prompt_tokens"], result.get("cached_tokens") or 0,
-                            result["completion_tokens"])
+        return request_cost(price, tokens.prompt_tokens, tokens.cached_tokens, tokens.completion_tokens)
 
-    def teacher_answer(self, result: dict, shadow: bool = False) -> float:
+    def teacher_answer(self, tokens: TokenCounts, shadow: bool = False) -> float:
         """Any teacher answer: feeds the mean; a shadow one is also spent."""
-        usd = self.price("teacher", result)
+        usd = self.price("teacher", tokens)
         self.teacher_answers += 1
         self.teacher_answers_usd += usd
         if shadow:
             self.usd["shadow"] += usd
         return usd
 
-    def routed(self, answered_by: Optional[str], student: Optional[dict], teacher_usd: Optional[float]) -> None:
+    def routed(self, answered_by: Optional[str], student: Optional[TokenCounts], teacher_usd: Optional[float]
+               ) -> None:
         """One routed request: the student's call (if it answered), the teacher's cost (if it answered), and who
         answered the client (None: nobody, the request failed; what was spent on it still counts)."""
         if student is not None:

@@ -8,10 +8,11 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Union
 
 from fastapi.responses import StreamingResponse
 
+from serve.arm_messages import ArmAnswer, ArmRefusal, ArmRequest, StreamEnd
 from serve.protocol import ApiError, ChatRequest, chunk, completion_id, error_body, usage
 
 log = logging.getLogger("distill.serve")
@@ -21,31 +22,31 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def stream_end(cid: str, model: str, created: int, chat: ChatRequest, final: dict):
+def stream_end(cid: str, model: str, created: int, chat: ChatRequest, final: Union[ArmAnswer, StreamEnd]):
     """The last events of a stream: the finish reason with the confidence, the usage if asked, [DONE]."""
-    yield sse(chunk(cid, model, created, {}, final["finish_reason"]) | {"confidence": final["confidence"]})
+    yield sse(chunk(cid, model, created, {}, final.finish_reason) | {"confidence": final.confidence})
     if chat.stream_options and chat.stream_options.include_usage:
         yield sse(chunk(cid, model, created, {}, usage_block=usage(final)))
     yield "data: [DONE]\n\n"
 
 
-def whole_answer_stream(chat: ChatRequest, result: dict, headers: dict[str, str]) -> StreamingResponse:
+def whole_answer_stream(chat: ChatRequest, result: ArmAnswer, headers: dict[str, str]) -> StreamingResponse:
     """An answer already complete, as an event stream (the cascade's kept student answer)."""
     cid, created = completion_id(), int(time.time())
 
     async def events():
         yield sse(chunk(cid, chat.model, created, {"role": "assistant", "content": ""}))
-        if result["text"]:
-            yield sse(chunk(cid, chat.model, created, {"content": result["text"]}))
+        if result.text:
+            yield sse(chunk(cid, chat.model, created, {"content": result.text}))
         for event in stream_end(cid, chat.model, created, chat, result):
             yield event
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
-async def relay_stream(handle, arm: str, chat: ChatRequest, req: dict, timeout_s: float, headers: dict[str, str],
-                       failed: Callable[[int], Awaitable[None]], done: Callable[[dict], Awaitable[None]]
-                       ) -> StreamingResponse:
+async def relay_stream(handle, arm: str, chat: ChatRequest, req: ArmRequest, timeout_s: float,
+                       headers: dict[str, str], failed: Callable[[int], Awaitable[None]],
+                       done: Callable[[ArmAnswer], Awaitable[None]]) -> StreamingResponse:
     """The arm's answer as it is generated (`handle`: its deployment). Errors before the first token are an
     ApiError (a proper status); `failed(status)` and `done(result)` record the outcome."""
     generator = handle.options(stream=True).stream.remote(req)
@@ -62,26 +63,28 @@ async def relay_stream(handle, arm: str, chat: ChatRequest, req: dict, timeout_s
         log.exception("%s stream failed to start", arm)
         await failed(503)
         raise ApiError(503, f"the {arm} engine failed: {type(err).__name__}: {err}") from None
-    if "error" in first:
-        await failed(first["error"]["status"])
-        raise ApiError(first["error"]["status"], first["error"]["message"])
+    if isinstance(first, ArmRefusal):
+        await failed(first.status)
+        raise ApiError(first.status, first.message)
     cid, created, model = completion_id(), int(time.time()), chat.model
 
     async def events():
         text: list[str] = []
-        final: Optional[dict] = None
+        reasoning: list[str] = []
+        final: Optional[StreamEnd] = None
         try:
             yield sse(chunk(cid, model, created, {"role": "assistant", "content": ""}))
             async for item in generator:
-                if item.get("done"):
+                if isinstance(item, StreamEnd):
                     final = item
                     break
                 delta = {}
-                if item["reasoning"]:
-                    delta["reasoning_content"] = item["reasoning"]
-                if item["content"]:
-                    delta["content"] = item["content"]
-                    text.append(item["content"])
+                if item.reasoning:
+                    delta["reasoning_content"] = item.reasoning
+                    reasoning.append(item.reasoning)
+                if item.content:
+                    delta["content"] = item.content
+                    text.append(item.content)
                 yield sse(chunk(cid, model, created, delta))
             if final is None:
                 raise RuntimeError("the engine stream ended without a final item")
@@ -99,6 +102,6 @@ async def relay_stream(handle, arm: str, chat: ChatRequest, req: dict, timeout_s
                 generator.cancel()
         for event in stream_end(cid, model, created, chat, final):
             yield event
-        await done({**final, "text": "".join(text)})
+        await done(final.answer("".join(text), "".join(reasoning) if reasoning else None))
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

@@ -302,6 +302,9 @@ def test_rayservice_serves_what_the_pipeline_job_trains(rayjob, rayservice):
     # Contexts at least as long as the ones the pipeline generated and trained with.
     assert args.teacher.engine.max_model_len >= run_config["generate"]["engine"]["max_model_len"]
     assert args.student.engine.max_model_len >= run_config["train"]["max_length"]
+    # The thinking teacher's arm holds the task's reasoning and answer budgets beside a ~1.5k-token prompt and a query.
+    assert task.teacher.reasoning_tokens > 0
+    assert args.teacher.engine.max_model_len >= task.teacher_budget() + 2048
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

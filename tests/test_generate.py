@@ -123,24 +123,33 @@ def test_unparseable_answers_are_retried_then_rejected(tmp_path, ray_cluster, ti
 
 def test_a_thinking_teacher_cut_by_its_budget_is_rejected_as_unfinished_never_parsed(tmp_path, ray_cluster,
                                                                                       tiny_thinking):
-    """The thinking double's template opens the think block (as Thinking-2507's does) and 8 tokens never close
-    it: each query is rejected as an unfinished reasoning, not read as an answer. A task that constrains the
-    teacher's output is refused before any engine starts: the answer would be forced inside the reasoning."""
+    """The thinking double's template opens the think block (as Thinking-2507's does) and a budget of 4 + 4
+    tokens never lets it close (its reasoning and `</think>` take 17): each query is rejected as an unfinished
+    reasoning, not read as an answer, and counted as cut by length. A task that constrains the teacher's output, or gives it no
+    reasoning budget, is refused before any engine starts."""
     from distill.config import ConfigError
 
     source = write_jsonl(tmp_path / "q.jsonl", [{"id": r["id"], "text": r["text"]} for r in SAMPLE[:6]])
     with pytest.raises(ConfigError, match="opens a think block"):
         main(GenerateConfig(task="language-id", input=source, output=str(tmp_path / "constrained"),
                             teacher=tiny_thinking))
-    out = str(tmp_path / "gen")
+    with pytest.raises(ConfigError, match=r"opens a think block, but task 'persona' gives the teacher no "
+                                          r"reasoning budget \(teacher.reasoning_tokens: 0\)"):
+        main(GenerateConfig(task="persona", input=source, output=str(tmp_path / "no-budget"),
+                            teacher=tiny_thinking))
     thinking_task = Path(__file__).resolve().parents[1] / "configs" / "tasks" / "language-id-thinking.yaml"
+    with pytest.raises(ConfigError, match="a thinking teacher needs a reasoning budget"):
+        main(GenerateConfig(task=str(thinking_task), input=source, output=str(tmp_path / "zero-budget"),
+                            teacher=tiny_thinking, reasoning_tokens=0))
+    out = str(tmp_path / "gen")
     manifest = main(GenerateConfig(task=str(thinking_task), input=source, output=out, teacher=tiny_thinking,
-                                   max_tokens=8, retries=0, logprobs=0))
+                                   reasoning_tokens=4, max_tokens=4, retries=0, logprobs=0))
     assert manifest["template_opens_reasoning"] is True
-    assert manifest["rows_written"] == 0 and manifest["rows_rejected"] == 6
+    assert manifest["sampling"]["max_tokens"] == 4 + 4  # the reasoning budget + the answer's
+    assert manifest["rows_written"] == 0 and manifest["rows_rejected"] == 6 and manifest["cut_by_length"] == 6
     _, rejects, _ = outputs(out)
     assert set(rejects.column("reason").to_pylist()) == {
-        "teacher: reasoning not finished (raise max_tokens) (after 1 attempt(s))"}
+        "teacher: reasoning not finished (raise teacher.reasoning_tokens) (after 1 attempt(s))"}
 
 
 def test_killed_run_resumes_with_each_id_exactly_once(tmp_path, ray_cluster, tiny_model):
@@ -202,13 +211,13 @@ def test_engine_environment_reaches_the_engine_actors(tiny_model):
     processes it starts); an explicit env entry wins over the shortcut."""
     from distill.engine import EngineConfig, processor_config
 
-    config = processor_config(EngineConfig(device="cpu", cpu_reserved_cores=0, env={"VLLM_LOGGING_LEVEL": "DEBUG"}),
-                              tiny_model)
+    config = processor_config(EngineConfig(device="cpu", cpu_reserved_cores=0, env={"VLLM_LOGGING_LEVEL": "DEBUG"},
+                                           max_model_len=512), tiny_model)
     assert config.runtime_env == {"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_LOGGING_LEVEL": "DEBUG"}}
-    config = processor_config(EngineConfig(device="cpu", cpu_reserved_cores=0,
+    config = processor_config(EngineConfig(device="cpu", cpu_reserved_cores=0, max_model_len=512,
                                            env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}), tiny_model)
     assert config.runtime_env == {"env_vars": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}}
-    assert processor_config(EngineConfig(device="cpu"), tiny_model).runtime_env is None
+    assert processor_config(EngineConfig(device="cpu", max_model_len=512), tiny_model).runtime_env is None
 
 
 def test_rerun_with_changed_settings_is_refused_and_free_options_stay_free(tmp_path, ray_cluster, tiny_model):

@@ -41,11 +41,13 @@ def test_training_precision_follows_the_same_rule():
 
 
 def test_engine_arguments_carry_the_resolved_dtype():
-    auto = EngineConfig()
+    auto = EngineConfig(max_model_len=1024)  # planned before an engine starts (distill.engine.plan_pass)
+    with pytest.raises(ValueError, match="not planned"):
+        engine_kwargs(EngineConfig(), "cpu", AVX2_LAPTOP)
     assert engine_kwargs(auto, "cpu", AVX2_LAPTOP)["dtype"] == "float32"
     assert engine_kwargs(auto, "cpu", SAPPHIRE_RAPIDS)["dtype"] == "bfloat16"
     assert engine_kwargs(auto, "gpu", frozenset())["dtype"] == "bfloat16"
-    assert engine_kwargs(EngineConfig(dtype="bfloat16"), "cpu", AVX2_LAPTOP)["dtype"] == "bfloat16"
+    assert engine_kwargs(EngineConfig(dtype="bfloat16", max_model_len=1024), "cpu", AVX2_LAPTOP)["dtype"] == "bfloat16"
     # CPU engines get the small KV blocks; GPU engines keep vLLM's own unless one is set.
     assert engine_kwargs(auto, "cpu", AVX2_LAPTOP)["block_size"] == 32
     assert "block_size" not in engine_kwargs(auto, "gpu", frozenset())

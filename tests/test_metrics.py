@@ -205,7 +205,7 @@ def _result(text, prompt_tokens, output_tokens, latency, logprobs=None):
     return {"generated_text": text, "generated_tokens": [1] * output_tokens, "token_logprobs": logprobs,
             "topk_ids": None, "topk_logprobs": None, "num_input_tokens": prompt_tokens,
             "num_generated_tokens": output_tokens, "latency_s": latency, "queue_s": None, "ttft_s": latency / 2,
-            "decode_s": None, "error": None}
+            "decode_s": None, "error": None, "cut_by_length": False}
 
 
 def _results(rows, outputs, samples, scores, tokens):

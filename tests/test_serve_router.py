@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import random
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 from distill.agreement import agreement_rate, compare, mean_similarity, normalize
 from distill.config import ConfigError
 from distill.tasks import load_task, split_reasoning
+from serve.arm_messages import ArmAnswer
 from serve.arms import teacher_conversation
 from distill.engine import adapter_rank, vllm_max_lora_rank
 from serve.config import ServeConfig
@@ -476,8 +478,8 @@ def test_cli_registers_serve_and_compare_latency():
 
 # -- selective serving: the cascade, its savings, drift ----------------------------------------------------------
 def answer(text: str, confidence, prompt_tokens: int = 10, completion_tokens: int = 3, cached_tokens: int = 0):
-    return {"text": text, "raw": text, "confidence": confidence, "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens, "cached_tokens": cached_tokens}
+    return ArmAnswer(text=text, raw=text, confidence=confidence, prompt_tokens=prompt_tokens,
+                     completion_tokens=completion_tokens, cached_tokens=cached_tokens, finish_reason="stop")
 
 
 def cascaded(r: Rollout, student, teacher=None, student_status=None, teacher_status=None):
@@ -619,7 +621,7 @@ def test_savings_price_the_student_answers_at_the_teachers_mean():
     # A shadow answer is spent, not saved.
     assert r.should_shadow() is False  # shadow rate 0.1 with this rng: force one
     r.shadow_in_flight += 1
-    r.record_shadow(r.stage, teacher["text"], student["text"], teacher_tokens=teacher)
+    r.record_shadow(r.stage, teacher.text, student.text, teacher_tokens=teacher)
     assert r.snapshot()["cost"]["shadow_usd"] == pytest.approx(t)
     assert r.snapshot()["cascade"]["kept_comparisons"]["agree"] == 1
 
@@ -712,7 +714,7 @@ def test_captured_rows_are_generation_data_each_query_once_and_survive_a_restart
     capture = open_capture()
     rows = [capture.row(user("  Hallo Welt  "), answer("Final Answer: de", None, 1500, 4)),
             capture.row(user("Hallo Welt"), answer("Final Answer: de", None)),               # the same query
-            capture.row(user("Bonjour"), {**answer("", None), "raw": "<think>French</think>\nFinal Answer: fr"}),
+            capture.row(user("Bonjour"), dataclasses.replace(answer("", None), raw="<think>French</think>\nFinal Answer: fr")),
             capture.row(user("???"), answer("I cannot tell", None)),                         # unparsable
             capture.row([{"role": "system", "content": "be brief"}] + user("Hi"), answer("Final Answer: en", None))]
     assert [r is not None for r in rows] == [True, False, True, False, False]

@@ -52,7 +52,7 @@ def test_a_template_that_opens_the_reasoning_makes_an_output_without_its_end_no_
     assert not opens_reasoning(AutoTokenizer.from_pretrained(tiny_model), messages)
     weighing = "French? Final Answer: de would be wrong, so"
     cut = task.parse(teacher_output(weighing, opened=True))
-    assert cut.answer is None and cut.reason == "reasoning not finished (raise max_tokens)"
+    assert cut.answer is None and cut.reason == "reasoning not finished (raise teacher.reasoning_tokens)"
     assert cut.reasoning == weighing and cut.visible == ""
     assert task.parse(teacher_output(weighing, opened=False)).answer == "Final Answer: de"
     done = task.parse(teacher_output("French.\n</think>\n\nFinal Answer: fr", opened=True))

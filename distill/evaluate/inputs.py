@@ -115,10 +115,11 @@ def resolve_inputs(config: EvalConfig) -> Inputs:
         raise ConfigError(f"no {name} given and none recorded in the training output, the adapter or the data; "
                           f"pass --{name}")
 
-    recorded_task = task_of_data(data) if not (config.task or summary.get("task")) else None
-    task = load_task(config.task or summary["task"]) if (config.task or summary.get("task")) else recorded_task
+    # The data's manifest records the whole task spec: a user's task file need not exist here (the training
+    # summary names the task only).
+    task = load_task(config.task) if config.task else task_of_data(data)
     if task is None:
-        task = load_task(pick("task", origin["task"]))
+        task = load_task(pick("task", summary.get("task"), origin["task"]))
     manifest = read_json(join(data, "manifest.json"))
     return Inputs(
         rows=rows, selection_rows=selection_rows, task=task,

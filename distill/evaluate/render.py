@@ -38,9 +38,11 @@ REPORT_KEYS: dict[str, str] = {
                "(student agreement / teacher self-agreement)}: agreement judged against the serving threshold, the "
                "floor and the ceiling.",
     "runs": "Per run ('teacher' = teacher + prompt, 'student' = distilled student without prompt, 'base' = base "
-            "student without prompt): {title, model, adapter, prompt, requests, errors, parse_rate, "
-            "prompt_tokens_mean, output_tokens_mean, latency_s {n, mean, p50, p95, max}, ttft_s {...}, wall_s} over "
-            "the answer requests; wall_s is the whole engine pass, start-up and scoring requests included.",
+            "student without prompt): {title, model, adapter, prompt, requests, errors, parse_rate, cut_by_length "
+            "(answers that used their whole max_tokens), unfinished_reasoning (a thinking teacher's outputs whose "
+            "reasoning never closed: no answer), prompt_tokens_mean, output_tokens_mean, latency_s {n, mean, p50, "
+            "p95, max}, ttft_s {...}, wall_s} over the answer requests; wall_s is the whole engine pass, start-up "
+            "and scoring requests included.",
     "fidelity": "{student, base: {agreement (judged rows only), agree, judged, unjudged (teacher answer "
                 "unusable), agreement_ci95, kappa (labels), similarity (ROUGE-L F1 of the normalised answers)}, "
                 "floor {kind: majority_label (labels: always answering the teacher's commonest label) or "
@@ -249,7 +251,10 @@ def render_html(report: dict[str, Any], plots: dict[str, str], examples: list[di
                       fmt(tr.get("final_loss"), ".4f"), f"{fmt(tr.get('best_val_loss'), '.4f')} ({tr.get('best_step')})",
                       pct(tr.get("best_val_agreement")), fmt(tr.get("tokens_per_s"), ".0f"),
                       f"{fmt(tr.get('wall_s'), '.1f')}s", tr.get("workers"), tr.get("soft_labels")]] if tr else []
-    latency_rows = [[runs[r]["title"], runs[r]["requests"], runs[r]["errors"], fmt(runs[r]["prompt_tokens_mean"], ".1f"),
+    latency_rows = [[runs[r]["title"], runs[r]["requests"], runs[r]["errors"],
+                     f"{runs[r]['cut_by_length']}" + (f" ({runs[r]['unfinished_reasoning']} unfinished reasoning)"
+                                                       if runs[r]["unfinished_reasoning"] else ""),
+                     fmt(runs[r]["prompt_tokens_mean"], ".1f"),
                      fmt(runs[r]["output_tokens_mean"], ".1f"), fmt(runs[r]["latency_s"]["p50"]),
                      fmt(runs[r]["latency_s"]["p95"]), fmt(runs[r]["ttft_s"]["p50"]), f"{fmt(runs[r]['wall_s'], '.1f')}s"]
                     for r in RUN_KEYS]
@@ -285,7 +290,8 @@ def render_html(report: dict[str, Any], plots: dict[str, str], examples: list[di
                   ["(c) distilled student, no prompt", fmt(nll["student_no_prompt"], ".4f")],
                   ["gap closed = (a − c) / (a − b)", fmt(nll["gap_closed"], ".3f")]],
         training_header=training_header, training_rows=training_rows,
-        latency_header=["model", "requests", "errors", "prompt tokens", "output tokens", "latency p50 (s)", "p95 (s)",
+        latency_header=["model", "requests", "errors", "cut by length", "prompt tokens", "output tokens",
+                        "latency p50 (s)", "p95 (s)",
                         "first token p50 (s)", "engine pass (incl. start-up)"], latency_rows=latency_rows,
         speedup_p50=fmt(report["latency"]["speedup_p50"], ".2f", "×"),
         speedup_p95=fmt(report["latency"]["speedup_p95"], ".2f", "×"),

@@ -18,7 +18,7 @@ from distill.evaluate.config import EvalConfig
 from distill.evaluate.inputs import EnginePass, Inputs
 from distill.evaluate.scores import RUN_TITLES, RUNS
 from distill.selective import confidence
-from distill.tasks import TaskSpec
+from distill.tasks import TaskSpec, split_reasoning
 
 
 def build_report(config: EvalConfig, inputs: Inputs, passes: dict[str, EnginePass], planned: dict, serving: str,
@@ -48,6 +48,8 @@ def build_report(config: EvalConfig, inputs: Inputs, passes: dict[str, EnginePas
             "model": inputs.teacher if run == "teacher" else inputs.student,
             "adapter": inputs.adapter if run == "student" else None, "prompt": run == "teacher",
             "requests": len(res), "errors": len(res) - len(ok), "parse_rate": M.parse_rate(parsed[run]),
+            "cut_by_length": sum(x["cut_by_length"] for x in ok),
+            "unfinished_reasoning": sum(not split_reasoning(x["generated_text"])[2] for x in ok),
             "prompt_tokens_mean": M.mean(x["num_input_tokens"] for x in ok),
             "output_tokens_mean": M.mean(x["num_generated_tokens"] for x in ok),
             "latency_s": M.latency_summary([x["latency_s"] for x in ok]),

@@ -25,7 +25,10 @@ class GenerateConfig(StrictModel):
     id_column: str = Field("id", description="Column holding a stable id; ids are derived from the text if absent.")
     label_column: str = Field("label", description="Column holding a gold label, if any (kept for evaluation).")
     temperature: Optional[float] = Field(None, ge=0, description="Override the task's teacher temperature.")
-    max_tokens: Optional[int] = Field(None, ge=1, description="Override the task's teacher max_tokens.")
+    max_tokens: Optional[int] = Field(None, ge=1, description="Override the task's teacher max_tokens (the "
+                                      "answer's budget).")
+    reasoning_tokens: Optional[int] = Field(None, ge=0, description="Override the task's teacher reasoning_tokens "
+                                            "(a thinking teacher's reasoning budget).")
     samples: int = Field(1, ge=1, description="Teacher samples per query; >1 takes the majority answer.")
     retries: int = Field(2, ge=0, description="Extra attempts (new seed) for unparseable answers before rejecting.")
     logprobs: int = Field(

@@ -14,9 +14,9 @@ from typing import Any, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from distill.chat import answer_start, teacher_output
+from distill.chat import answer_start, answer_start_of_ids, teacher_output
 from distill.config import ConfigError
-from distill.engine import processor_config
+from distill.engine import model_context_limit, processor_config
 from distill.formats import DATA_SCHEMA, QUERY_SCHEMA, REJECT_SCHEMA
 from distill.inputs import read_queries, sampled_positions
 from distill.generate.config import GenerateConfig
@@ -46,6 +46,11 @@ def attempt_dir(out: str, attempt: int) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Prepare
+# Tokens the chat template may add where it joins a query to the prompt (rendered here with an empty query),
+# beyond the query's own: the planned engine context keeps this much spare.
+QUERY_JOIN_MARGIN = 16
+
+
 def settings_fingerprint(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any]) -> dict[str, Any]:
     """Everything that changes what generation writes: a rerun into the same output must match it (see
     distill.config.check_settings). Sharding, flushing, logging and the actor pool's size do not, and stay free."""
@@ -74,11 +79,17 @@ def prepare(config: GenerateConfig, task: TaskSpec, tokenizer, sampling: dict[st
     prompt_text = tokenizer.apply_chat_template(task.teacher_messages(""), add_generation_prompt=True,
                                                 tokenize=False)
     prompt_tokens = len(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-    budget = config.engine.max_model_len - sampling["max_tokens"] - prompt_tokens
-    if budget <= 0:
+    # The context a query may use: what engine.max_model_len leaves after the prompt and the teacher's budget
+    # (reasoning + answer); unset, what the model's own context leaves, and the engine is then planned for the
+    # longest query staged (plus a margin for how the template joins a query to the prompt).
+    context = config.engine.max_model_len or model_context_limit(config.teacher)
+    setting = "engine.max_model_len" if config.engine.max_model_len else f"the context of {config.teacher}"
+    budget = (context - sampling["max_tokens"] - prompt_tokens) if context else None
+    if budget is not None and budget <= 0:
         raise ConfigError(
-            f"the task prompt alone takes {prompt_tokens} tokens and answers {sampling['max_tokens']}, more than "
-            f"engine.max_model_len={config.engine.max_model_len}; raise max_model_len")
+            f"the task prompt alone takes {prompt_tokens} tokens and the teacher's budget {sampling['max_tokens']} "
+            f"(reasoning + answer), more than {setting}={context}: raise max_model_len or lower the budget")
+    longest = 0
 
     stats = Counter()
     t0 = time.monotonic()
@@ -87,14 +98,17 @@ def prepare(config: GenerateConfig, task: TaskSpec, tokenizer, sampling: dict[st
         pending = []
 
         def check_lengths() -> None:
+            nonlocal longest
             lengths = [len(ids) for ids in tokenizer([r.text for r in pending], add_special_tokens=False)["input_ids"]]
             for row, n in zip(pending, lengths):
-                if n > budget:
+                if budget is not None and n > budget:
                     reject(row, f"too long: {n} query tokens, the engine leaves {budget} after the "
-                                f"{prompt_tokens}-token prompt and {sampling['max_tokens']} answer tokens")
+                                f"{prompt_tokens}-token prompt and the teacher's {sampling['max_tokens']} tokens "
+                                f"({setting}: {context})")
                 else:
                     queries.write({"id": row.id, "text": row.text, "gold": row.gold, "row": row.row})
                     stats["queries"] += 1
+                    longest = max(longest, n)
             pending.clear()
 
         def reject(row, reason: str) -> None:
@@ -114,9 +128,12 @@ def prepare(config: GenerateConfig, task: TaskSpec, tokenizer, sampling: dict[st
                 if len(pending) >= 512:
                     check_lengths()
         check_lengths()
+    planned = prompt_tokens + longest + QUERY_JOIN_MARGIN + sampling["max_tokens"]
     result = {
         "rows_in": stats["rows_in"], "queries": stats["queries"],
         "rejected_at_input": stats["rejected"], "prompt_tokens": prompt_tokens, "seconds": time.monotonic() - t0,
+        "longest_query_tokens": longest,
+        "max_model_len": config.engine.max_model_len or (min(planned, context) if context else planned),
     }
     write_json(marker, result)
     log.info("prepared %d rows: %d queries, %d rejected at input", stats["rows_in"], stats["queries"],
@@ -179,13 +196,20 @@ def _topk(logprobs, tokens, k: int) -> Optional[dict]:
     return {"ids": ids, "logprobs": lps, "texts": texts}
 
 
+def reasons(task: TaskSpec, opens_reasoning: bool) -> bool:
+    """Does the teacher reason before it answers: the task says it thinks, or its template opens the block."""
+    return opens_reasoning or task.teacher.thinks
+
+
 class Decider:
     """Turns the samples of one query into a training example, a retry, or a reject."""
 
     def __init__(self, config: GenerateConfig, task: TaskSpec, attempt: int, writers: dict[str, ShardWriter],
-                 opens_reasoning: bool):
+                 opens_reasoning: bool, max_tokens: int, tokenizer):
         self.config, self.task, self.attempt, self.writers = config, task, attempt, writers
         self.opens_reasoning = opens_reasoning  # the teacher's template opens the think block itself
+        self.max_tokens = max_tokens  # the engine's, reasoning included: an output this long was cut
+        self.tokenizer = tokenizer  # the teacher's: where a reasoning teacher's answer starts (no logprobs asked)
         self.last = attempt == config.retries
         self.counts = Counter()
 
@@ -197,6 +221,8 @@ class Decider:
             if s.get("__inference_error__"):
                 reasons[f"inference error: {s['__inference_error__'][:300]}"] += 1
                 continue
+            # ray.data.llm returns no finish reason: an output that used every token it had was cut.
+            self.counts["cut_by_length"] += int(s["num_generated_tokens"] >= self.max_tokens)
             p = self.task.parse(teacher_output(s["generated_text"] or "", self.opens_reasoning))
             if p.answer is None:
                 reasons[p.reason] += 1
@@ -224,7 +250,15 @@ class Decider:
     def _example(self, s: dict, p, agreement: float) -> dict:
         topk = s.get("logprobs")
         tokens = [int(t) for t in s["generated_tokens"]]
-        start = answer_start(topk["texts"]) if topk else 0
+        # A teacher that reasons is asked no logprobs (they would cover its whole reasoning): its answer's tokens
+        # and the tokens before them are kept, and the soft-label pass (distill.generate.soft_labels) scores the answer alone.
+        scored_later = self.config.logprobs > 0 and topk is None and reasons(self.task, self.opens_reasoning)
+        if topk:
+            start = answer_start(topk["texts"])
+        elif scored_later:
+            start = answer_start_of_ids(self.tokenizer, tokens)
+        else:
+            start = 0
         return {
             "id": s["id"], "text": s["text"],
             "messages": TaskSpec.student_messages(s["text"], p.answer),
@@ -233,14 +267,15 @@ class Decider:
             "prompt_tokens": int(s["num_input_tokens"]), "output_tokens": int(s["num_generated_tokens"]),
             "teacher": self.config.teacher, "task": self.task.name, "attempt": self.attempt,
             "samples": self.config.samples, "agreement": agreement,
-            "teacher_token_ids": tokens[start:] if topk else None,
+            "teacher_token_ids": tokens[start:] if topk or scored_later else None,
+            "reasoning_token_ids": tokens[:start] if scored_later else None,
             "topk_ids": topk["ids"][start:] if topk else None,
             "topk_logprobs": topk["logprobs"][start:] if topk else None,
         }
 
 
 def run_attempt(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any], attempt: int,
-                opens_reasoning: bool) -> Counter:
+                opens_reasoning: bool, tokenizer) -> Counter:
     import ray
 
     out = config.output
@@ -271,7 +306,7 @@ def run_attempt(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any]
         "retry": ShardWriter(attempt_dir(out, attempt + 1), "queries", QUERY_SCHEMA, config.rows_per_shard,
                              config.flush_seconds),
     }
-    decider = Decider(config, task, attempt, writers, opens_reasoning)
+    decider = Decider(config, task, attempt, writers, opens_reasoning, sampling["max_tokens"], tokenizer)
     try:
         groups: dict[str, list[dict]] = {}
         t0 = last_log = time.monotonic()

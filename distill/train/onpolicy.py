@@ -38,11 +38,13 @@ log = logging.getLogger("distill.train.onpolicy")
 
 
 def sample_answers(rows: list[dict], task: TaskSpec, student: str, engine: EngineConfig, temperature: float,
-                   max_tokens: int, seed: int) -> dict[str, dict]:
-    """{id: {prompt_ids, tokens}}: the student's own answer to each query, no prompt, sampled at `temperature`."""
+                   max_tokens: int, seed: int, tokenizer=None) -> dict[str, dict]:
+    """{id: {prompt_ids, tokens}}: the student's own answer to each query, no prompt, sampled at `temperature`
+    (`tokenizer`: the student's, for a `student` folder the driver cannot read, a merged one in a store)."""
     requests = [{"key": r["id"], "messages": task.student_messages(r["text"]),
                  "sampling_params": {"temperature": temperature, "max_tokens": max_tokens}} for r in rows]
-    results, wall = run_requests("on-policy: student samples", requests, student, engine, seed=seed)
+    results, wall = run_requests("on-policy: student samples", requests, student, engine, seed=seed,
+                                 tokenizer=tokenizer)
     out = {k: {"prompt_ids": v["prompt_token_ids"], "tokens": v["generated_tokens"]} for k, v in results.items()
            if not v["error"] and v["generated_tokens"]}
     log.info("student sampled %d answers of %d queries in %.0fs", len(out), len(rows), wall)
@@ -54,7 +56,16 @@ def score_with_teacher(rows: list[dict], samples: dict[str, dict], task: TaskSpe
                        grammar: AnswerGrammar | None = None) -> dict[str, dict]:
     """{id: {topk_ids, topk_logprobs, token_logprobs}}: the prompted teacher's view of each student token. Under
     `grammar` the view is the constrained teacher's, over the tokens the grammar accepts and the one position
-    after them where the student left it (token_logprobs: the accepted tokens'; topk: one row more)."""
+    after them where the student left it (token_logprobs: the accepted tokens'; topk: one row more).
+
+    The teacher sees the student's tokens as its answer, after a finished, empty reasoning
+    (distill.chat.prompt_after_reasoning): a thinking teacher's template would otherwise have them read as the
+    start of its reasoning."""
+    from transformers import AutoTokenizer
+
+    from distill.chat import prompt_after_reasoning
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher)
     requests, accepted = [], {}
     for r in rows:
         if r["id"] not in samples:
@@ -65,9 +76,10 @@ def score_with_teacher(rows: list[dict], samples: dict[str, dict], task: TaskSpe
         else:
             n = accepted[r["id"]] = grammar.accepted(tokens)
             params = scoring_sampling(tokens[:n], top_k, grammar.choices, next_step=n < len(tokens))
-        requests.append({"key": r["id"], "messages": task.teacher_messages(r["text"]), "sampling_params": params})
+        prompt = prompt_after_reasoning(tokenizer, task.teacher_messages(r["text"]), task.teacher_template_kwargs())
+        requests.append({"key": r["id"], "prompt": prompt, "sampling_params": params})
     results, wall = run_requests("on-policy: teacher scores", requests, teacher, engine, seed=seed,
-                                 chat_template_kwargs={"enable_thinking": False}, **ENGINE_ARGS)
+                                 tokenizer=tokenizer, **ENGINE_ARGS)
     failed = [k for k, v in results.items() if v["error"]]
     if failed:
         raise RuntimeError(f"the teacher could not score {len(failed)} student answers, e.g. {failed[:3]}: "
@@ -205,7 +217,8 @@ def train_rounds(config: TrainConfig, tokenizer, task, prepared: PreparedData, s
                 queries = [texts[i] for i in sorted(rng.permutation(len(texts))[:op.queries_per_round or len(texts)])]
                 model = config.student if policy is None else merge_adapter_on_cluster(
                     config.student, policy, join(rdir, "policy-merged"))
-                samples = sample_answers(queries, task, model, op.engine, op.temperature, max_tokens, config.seed + r)
+                samples = sample_answers(queries, task, model, op.engine, op.temperature, max_tokens, config.seed + r,
+                                         tokenizer)
                 scores = score_with_teacher(queries, samples, task, teacher, op.engine, op.top_k, config.seed + r,
                                             grammar)
                 round_examples, counts = examples(samples, scores, config.max_length)
