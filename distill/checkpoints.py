@@ -1,15 +1,19 @@
 """Training checkpoints and the metrics log, readable from any node (local paths or object-store URIs).
 
-A checkpoint is a folder with `adapter/` (PEFT format: loads in peft and vLLM), `optimizer.pt`, `scheduler.pt` and
-`trainer_state.json` (step, data position, elapsed time); Ray Train copies it into OUT/checkpoints. Every rank
-joins the state-dict gathers (they are collective); rank 0 writes.
+A checkpoint is a folder with `model/` (the LoRA weights) and `optim/` (the AdamW states), both sharded
+torch.distributed.checkpoint folders that every rank writes its own part of, plus `adapter_config.json`,
+`scheduler.pt` and `trainer_state.json` (step, data position, elapsed time) from rank 0; Ray Train uploads every
+rank's part into one folder under OUT/checkpoints. It resumes on any world size. The PEFT adapter that serving
+loads is exported from the chosen checkpoint once, at the end (`export_adapter`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -20,40 +24,94 @@ from distill.storage import is_local, read_text
 
 def adapter_key_map(model) -> dict[str, str]:
     """PEFT file key (adapter name dropped, as peft saves it) -> the model's parameter name."""
-    name = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
-    return {k.replace(f".{name}.", "."): k for k, p in model.named_parameters() if p.requires_grad}
+    name = _adapter_name(model)
+    return {peft_file_key(k, name): k for k, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(model, optimizer, scheduler, state: dict, rank: int) -> Optional[str]:
-    """Every rank joins the gathers; rank 0 writes adapter/ (PEFT format), optimizer, scheduler and the step."""
+def save_checkpoint(model, optimizer, scheduler, state: dict, rank: int) -> str:
+    """Every rank writes its own shard of the LoRA weights (`model/`) and of the AdamW states (`optim/`) with
+    torch.distributed.checkpoint into a local folder, which it returns; rank 0 adds the adapter's config, the
+    scheduler and the step. Ray Train uploads every rank's folder into the one checkpoint directory (the file names
+    are per rank: `__<rank>_0.distcp`, rank 0's `.metadata`), so nothing is gathered to one rank: for the 30B MoE
+    student at rank 32 (~1.3 B trainable parameters, ~15 GB with Adam states) each of 8 ranks writes ~2 GB."""
     import torch
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    weights = get_model_state_dict(model, options=options)
-    optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                cpu_offload=True))
-    if rank != 0:
-        return None
+    import torch.distributed.checkpoint as dcp
+    weights, optim = _lora_state(model, optimizer)
     path = tempfile.mkdtemp(prefix="distill-ckpt-")
-    model.save_pretrained(os.path.join(path, "adapter"), state_dict=weights)
-    torch.save(optim, os.path.join(path, "optimizer.pt"))
-    torch.save(scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
-    Path(path, "trainer_state.json").write_text(json.dumps(state))
+    dcp.save(weights, checkpoint_id=os.path.join(path, "model"))
+    dcp.save(optim, checkpoint_id=os.path.join(path, "optim"))
+    if rank == 0:
+        model.peft_config[_adapter_name(model)].save_pretrained(path)  # adapter_config.json
+        torch.save(scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
+        Path(path, "trainer_state.json").write_text(json.dumps(state))
     return path
 
 
 def load_checkpoint(path: str, model, optimizer, scheduler) -> dict:
-    """Every rank: the adapter, optimizer and scheduler of a checkpoint folder; returns its trainer state."""
+    """Every rank (collective): the LoRA weights and AdamW states of a checkpoint folder, each rank reading the
+    parts of its own shard, on any world size and mesh (DCP reshards); returns the checkpoint's trainer state."""
     import torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    load_adapter_weights(model, os.path.join(path, "adapter"))
-    optim = torch.load(os.path.join(path, "optimizer.pt"), weights_only=False)
-    set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+    weights, optim = _lora_state(model, optimizer)
+    dcp.load(weights, checkpoint_id=os.path.join(path, "model"))
+    dcp.load(optim, checkpoint_id=os.path.join(path, "optim"))
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim, options=_sharded())
     scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=False))
     return json.loads(Path(path, "trainer_state.json").read_text())
+
+
+def export_adapter(checkpoint: str, dest: str) -> None:
+    """A checkpoint folder's LoRA weights as a PEFT adapter folder (adapter_config.json +
+    adapter_model.safetensors: loads in peft and vLLM), read from the `model/` shards in one process without a
+    process group. Reads neither the optimizer states nor the base model."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    reader = dcp.FileSystemReader(os.path.join(checkpoint, "model"))
+    shapes = reader.read_metadata().state_dict_metadata
+    weights = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in shapes.items()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(weights, storage_reader=reader, no_dist=True)
+    config = json.loads(Path(checkpoint, "adapter_config.json").read_text())
+    os.makedirs(dest, exist_ok=True)
+    save_file({peft_file_key(k, config.get("adapter_name", "default")): v.contiguous() for k, v in weights.items()},
+              os.path.join(dest, "adapter_model.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(os.path.join(checkpoint, "adapter_config.json"), os.path.join(dest, "adapter_config.json"))
+
+
+def peft_file_key(param_name: str, adapter_name: str = "default") -> str:
+    """The key peft writes a LoRA parameter under: its model name without the adapter's name."""
+    return param_name.replace(f".{adapter_name}.", ".")
+
+
+def _adapter_name(model) -> str:
+    return model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
+
+
+def _lora_state(model, optimizer) -> tuple[dict, dict]:
+    """This rank's shards of the trainable weights and their AdamW states. Filtered by name as well: a tied output
+    head (`lm_head.weight`, the frozen embedding under another name) is not a parameter of its own, so
+    `ignore_frozen_params` keeps it in the state dict."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer, options=_sharded())
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    kept = {k: v for k, v in weights.items() if k in trainable}
+    if len(kept) != len(trainable):
+        raise RuntimeError(f"checkpoint: {len(trainable)} trainable parameters, {len(kept)} of them in the state dict")
+    return kept, optim
+
+
+def _sharded():
+    """State-dict options of checkpoints: each rank's own shards (DTensors), the trainable LoRA weights only (the
+    frozen base is read from the student's own files)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=False, ignore_frozen_params=True, strict=False)
 
 
 class MetricsLog:

@@ -193,9 +193,10 @@ def local_index(param, full_shape) -> tuple[tuple[slice, ...], Any]:
 # The sharded student
 def build_sharded_student(student: str, plan_modules: str | list[str], rank: int, alpha: float, dropout: float,
                           seed: int, base_dtype, device, attn_implementation: str, checkpointing: bool,
-                          mp_policy) -> tuple[Any, LoraPlan]:
-    """The student with a LoRA adapter, sharded with FSDP2 (each decoder layer its own unit, then the root), its
-    base weights read shard by shard from the checkpoint. Works with one worker too (the shard is everything)."""
+                          mp_policy, mesh=None) -> tuple[Any, LoraPlan]:
+    """The student with a LoRA adapter, sharded with FSDP2 (each decoder layer its own unit, then the root) over
+    `mesh` (None: every rank; a 2-D mesh: HSDP, see distill/train/mesh.py), its base weights read shard by shard
+    from the checkpoint. Works with one worker too (the shard is everything)."""
     import torch
     from peft import get_peft_model
     from torch.distributed.fsdp import fully_shard
@@ -226,8 +227,8 @@ def build_sharded_student(student: str, plan_modules: str | list[str], rank: int
     if not layers:
         raise RuntimeError(f"{student}: found no decoder layers ({layer_classes}) to shard")
     for layer in layers:
-        fully_shard(layer, mp_policy=mp_policy)
-    fully_shard(model, mp_policy=mp_policy)
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
     model.to_empty(device=device)
     with torch.no_grad():
         _load_base(model, folder)
@@ -288,31 +289,33 @@ def _stable_hash(text: str) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Folding an adapter into its base
-def merge_adapter(student: str, adapter: str, dest: str) -> str:
+def merge_adapter(student: str, adapter: str, dest: str, device: str = "cpu", needs=None) -> str:
     """The base model with the adapter (local folder or URI) merged in, saved with the tokenizer to `dest` (local
-    or URI). Merged in float32 (no rounding of the LoRA product into bf16 weights first), saved in the student's
-    dtype. Fused MoE expert adapters (peft target_parameters) merge the same way."""
+    or URI), in the student's dtype. On a CPU merged in float32 (no rounding of the LoRA product into bf16 weights
+    first); on a GPU in the base's own dtype (a 30B base in float32 fits neither). Fused MoE expert adapters (peft
+    target_parameters) merge the same way. Run it through `distill.student_serving.merge_on_cluster`, which
+    reserves what it needs (`needs`, checked here against the GPU before anything loads)."""
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dtype = getattr(AutoConfig.from_pretrained(student), "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if device == "gpu":
+        free, _ = torch.cuda.mem_get_info()
+        if needs is not None and needs.gpu_bytes > free:
+            raise ConfigError(f"merging an adapter into {student} on a GPU needs {needs.gpu_bytes / 1024**3:.1f} GiB; "
+                              f"the GPU has {free / 1024**3:.1f} GiB free: serve the adapter with LoRA instead")
+        load = dict(dtype=dtype, device_map="cuda")
+    else:
+        load = dict(dtype=torch.float32)
     with local_dir(adapter) as adapter_path:
-        base = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(student, **load)
         merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload().to(dtype)
     with staged_dir(dest) as staging:
         merged.save_pretrained(staging)
         AutoTokenizer.from_pretrained(student).save_pretrained(staging)
     return dest
-
-
-def merge_adapter_on_cluster(student: str, adapter: str, dest: str, num_cpus: float = 1) -> str:
-    """`merge_adapter` as a Ray task, so that the merge runs on a worker node (not on a head that takes no work
-    and has little memory) and the result lands where every node reads it (`dest`: the output URI)."""
-    import ray
-
-    return ray.get(ray.remote(num_cpus=num_cpus)(merge_adapter).remote(student, adapter, dest))
 
 
 def adapter_has_experts(adapter_config: dict) -> bool:

@@ -54,7 +54,7 @@ def main(config: EvalConfig) -> dict[str, Any]:
         init_ray()
         tokenizer = AutoTokenizer.from_pretrained(inputs.student)
         requests, planned = plan_requests(config, inputs, tokenizer)
-        model, adapter, serving = distilled_model(config, inputs)
+        artifact = distilled_model(config, inputs)
         # One engine per model, one after another, so no pass is timed while another one computes. The base and
         # the distilled student never share a LoRA-enabled engine: on vLLM CPU (0.32) a batch that mixed requests
         # with and without a LoRA applied the adapter to the base requests too.
@@ -63,7 +63,7 @@ def main(config: EvalConfig) -> dict[str, Any]:
         runs = (("teacher", "teacher", inputs.teacher, teacher_tokenizer,
                  {"chat_template_kwargs": task.teacher_template_kwargs()}),
                 ("base", "base student", inputs.student, tokenizer, {}),
-                ("student", "distilled student", model, tokenizer, {"adapter": adapter}))
+                ("student", "distilled student", artifact.engine_model, tokenizer, {"adapter": artifact.engine_adapter}))
         # Every pass's context planned (or its setting checked) before the first engine starts.
         for run, name, engine_model, run_tokenizer, kwargs in runs:
             plan_pass(name, requests[run], engine_model, config.engine, run_tokenizer,
@@ -75,7 +75,7 @@ def main(config: EvalConfig) -> dict[str, Any]:
                                                    **kwargs))
         if opened:  # its outputs start inside the think block its template opened
             passes["teacher"] = passes["teacher"].behind_opened_reasoning()
-        report, details = build_report(config, inputs, passes, planned, serving, tokenizer, clock.total_s())
+        report, details = build_report(config, inputs, passes, planned, artifact, tokenizer, clock.total_s())
         paths = write_report(config.output, report, details)
     log.info("report: %s", paths["html"])
     return report

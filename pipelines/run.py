@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 
 from distill.config import StrictModel, build_config
 from distill.local_models import default_model_dir, sample_data_path
+from distill.plan import ClusterSpec, RunPlan
 from distill.storage import join, read_json, write_json
 from distill.evaluate.config import EvalConfig
 from distill.generate.config import GenerateConfig
@@ -57,6 +58,10 @@ class RunConfig(StrictModel):
     generate: dict[str, Any] = Field(default_factory=dict, description="GenerateConfig options (pipelines/generate.py).")
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig options (pipelines/train.py).")
     eval: dict[str, Any] = Field(default_factory=dict, description="EvalConfig options (pipelines/evaluate.py).")
+    cluster: Optional[ClusterSpec] = Field(
+        None, description="The GPUs the run is planned for (distill.plan; `distill plan` prints the plan): GPU "
+        "memory in GiB and GPUs per node. Unset: this machine's GPU, else its host memory for CPU stages (a driver "
+        "without GPUs plans `device: auto` stages as CPU ones: set it, or device: gpu, for GPU runs).")
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
@@ -116,10 +121,22 @@ def plan_lines(config: RunConfig) -> list[str]:
     return lines + ([f"why this size: {config.sizing}"] if config.sizing else [])
 
 
+def resource_plan(config: RunConfig, source: str = "the run") -> RunPlan:
+    """Memory per GPU, KV cache, traffic and checkpoint size of every stage the run has (distill.plan)."""
+    from distill.plan import plan_run
+
+    return plan_run(config.stages, config.generate_config(), config.train_config(), config.eval_config(),
+                    config.cluster, source)
+
+
 def main(config: RunConfig) -> dict[str, Any]:
     from distill.ray_init import init_ray
     from pipelines import evaluate, generate, train
 
+    # Before Ray or any engine starts: a run that cannot fit stops here, with the figure that does not.
+    planned = resource_plan(config)
+    print("\n".join(f"plan: {line}" for line in planned.lines()), flush=True)
+    planned.check()
     init_ray()
     for line in plan_lines(config):
         print(f"plan: {line}", flush=True)
@@ -153,6 +170,26 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("run", help="generate -> train -> eval in one job (skips complete, resumes partial)")
     add_config_arguments(p, RunConfig)
     p.set_defaults(func=_cli)
+
+    p = subparsers.add_parser("plan", help="will the run fit: memory per GPU, KV cache, bytes per step, checkpoint "
+                              "size of every stage (offline; refuses what cannot fit)")
+    add_config_arguments(p, RunConfig)
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="also write the plan as JSON to PATH "
+                   "(without one: print only the JSON)")
+    p.set_defaults(func=_plan_cli)
+
+
+def _plan_cli(args) -> None:
+    from pathlib import Path
+
+    from distill.config import config_from_args
+
+    config = config_from_args(RunConfig, args)
+    planned = resource_plan(config, args.config or "the command line")
+    print(planned.to_json() if args.json == "-" else planned.table())  # --json alone: nothing but the JSON
+    if args.json and args.json != "-":
+        Path(args.json).write_text(planned.to_json() + "\n")
+    planned.check()
 
 
 def _cli(args) -> None:

@@ -76,7 +76,7 @@ def main(config: TrainConfig) -> dict[str, Any]:
                               else tokenizer.eos_token_id)
         # 2. Train and 3. export: one Ray Train run, or one per on-policy round
         if config.method == "sft":
-            exported = export(config, fit(config, prepared, task, select_by, placement))
+            exported = export(config, fit(config, prepared, task, select_by, placement), placement)
             rounds = None
         else:
             exported, rounds = train_rounds(config, tokenizer, task, prepared, select_by, placement)
@@ -94,8 +94,10 @@ def main(config: TrainConfig) -> dict[str, Any]:
 
 def check_rerun(config: TrainConfig) -> None:
     """A rerun into the same OUT resumes (or finds it complete); it must then train the same thing."""
-    check_settings(join(config.output, "train_run.json"),
-                   {k: v for k, v in config.model_dump().items() if k not in RERUN_FREE}, "a training run")
+    settings = {k: v for k, v in config.model_dump().items() if k not in RERUN_FREE}
+    # Workers and accumulation may change between attempts; the examples per optimizer step may not.
+    settings["global_batch"] = config.per_device_batch_size * config.gradient_accumulation * config.workers
+    check_settings(join(config.output, "train_run.json"), settings, "a training run")
 
 
 def add_cli(subparsers) -> None:

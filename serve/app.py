@@ -125,9 +125,11 @@ def gateway_facts(config: ServeConfig, source: Optional[str]) -> dict:
     """What the gateway is told besides its config, decided once where the cluster is reachable: how the student
     is served (a merge, if it is folded in), the drift reference, where the threshold came from."""
     from distill.engine import resolve_device
-    from serve.student import prepare
+    from distill.student_serving import student_artifact
 
-    serving = prepare(config.student, load_task(config.task).name, resolve_device(config.student.engine.device))
+    student = config.student
+    serving = student_artifact(student.model, student.adapters, student.serving,
+                               resolve_device(student.engine.device), load_task(config.task).name, student.merged_dir)
     reference = reference_labels(config.rollout.drift.reference_data) if config.rollout.drift.reference_data \
         else None
     return {"student": serving.as_dict(), "reference_labels": reference, "threshold_source": source}

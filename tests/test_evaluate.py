@@ -286,8 +286,13 @@ def test_full_report_with_the_tiny_model(evaluated, trained, tiny_model):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
     md = (Path(out) / "report.md").read_text()
     assert "gap closed" in md and "agreement with teacher" in md and "ship" in md
-    # The distilled student was served merged (CPU), merged into the evaluation's own output folder.
-    assert saved["inputs"]["student_serving"] == "merged" and (Path(out) / "merged-student" / "config.json").is_file()
+    # The distilled student was judged as it ships on a CPU: merged once beside its adapter, where `distill serve`
+    # finds it (the marker names the base and the adapter's digest), and the report names that artifact.
+    merged = Path(trained) / "adapter-merged"
+    assert saved["inputs"]["student_serving"] == "merged" and (merged / "config.json").is_file()
+    assert json.loads((merged / "distill_merged.json").read_text())["adapter"] == str(Path(trained) / "adapter")
+    assert saved["inputs"]["student_artifact"]["engine_model"] == str(merged)
+    assert saved["inputs"]["student_artifact"]["lora"] is None
 
 
 def _chromium() -> str:

@@ -10,6 +10,10 @@ import pytest
 
 from distill import metrics as M
 from distill.evaluate.inputs import request_key
+from distill.student_serving import StudentArtifact
+
+# The distilled student as a CPU evaluation serves it: the adapter folded into the base.
+MERGED = StudentArtifact("merged", "CPU", "base", {"task": "adapter"}, "adapter-merged", {})
 
 
 def approx(x, abs: float = 1e-12):
@@ -267,7 +271,7 @@ def test_build_and_write_report_by_hand(tmp_path, tokenizer):
         results["student"][request_key(sid, "answer")] = _result(student_out, 20, 4, 0.1, [lp] * 4)
     config = EvalConfig(train="OUT", output=str(tmp_path))
     passes = {run: EnginePass(results[run], wall) for run, wall in (("teacher", 10.0), ("student", 5.0), ("base", 5.0))}
-    report, details = build_report(config, inputs, passes, {"context_lengths": [900] * 4}, "merged", tokenizer,
+    report, details = build_report(config, inputs, passes, {"context_lengths": [900] * 4}, MERGED, tokenizer,
                                    seconds=36.0)
     sel = report["selective"]
     assert sel["target_agreement"] == 0.9 and sel["threshold"] == approx(math.exp(-0.04))
@@ -353,7 +357,7 @@ def test_free_text_report_has_similarity_and_no_label_sections(tmp_path, tokeniz
                     summary=None, manifest=None)
     passes = {run: EnginePass(results[run], 1.0) for run in ("teacher", "student", "base")}
     report, details = build_report(EvalConfig(data="D", output=str(tmp_path)), inputs, passes,
-                                   {"context_lengths": [400, 400]}, "merged", tokenizer, seconds=1.0)
+                                   {"context_lengths": [400, 400]}, MERGED, tokenizer, seconds=1.0)
     assert report["labels"] is None and report["gold"] is None
     assert report["headline"]["agreement"] is None and report["fidelity"]["student"]["kappa"] is None
     # row 1 identical; row 2 "the ninth, of course" vs "the missa solemnis": LCS 1 word of 4 and 3 -> 2/7

@@ -746,7 +746,7 @@ def test_captured_rows_are_generation_data_each_query_once_and_survive_a_restart
 
 # -- the student engine: merged or LoRA -----------------------------------------------------------------------
 def test_one_adapter_on_cpu_is_served_merged_and_several_keep_lora(tmp_path):
-    from serve.student import serving_mode
+    from distill.student_serving import serving_mode
 
     def adapter(name: str, experts: bool = False) -> str:
         folder = tmp_path / name
@@ -756,25 +756,25 @@ def test_one_adapter_on_cpu_is_served_merged_and_several_keep_lora(tmp_path):
         return str(folder)
 
     one, other, moe = adapter("one"), adapter("other"), adapter("moe", experts=True)
-    assert serving_mode("auto", {}, "language-id", "cpu")[0] == "plain"
-    mode, why = serving_mode("auto", {"language-id": one}, "language-id", "cpu")
+    assert serving_mode("auto", {}, "cpu")[0] == "plain"
+    mode, why = serving_mode("auto", {"language-id": one}, "cpu")
     assert mode == "merged" and "no fast LoRA path" in why
-    mode, why = serving_mode("auto", {"language-id": moe}, "language-id", "cpu")
+    mode, why = serving_mode("auto", {"language-id": moe}, "cpu")
     assert mode == "merged" and "mixture-of-experts" in why
-    assert serving_mode("auto", {"language-id": one}, "language-id", "gpu")[0] == "lora"
-    assert serving_mode("auto", {"language-id": moe}, "language-id", "gpu")[0] == "lora"
-    mode, why = serving_mode("auto", {"language-id": one, "x": other}, "language-id", "cpu")
+    assert serving_mode("auto", {"language-id": one}, "gpu")[0] == "lora"
+    assert serving_mode("auto", {"language-id": moe}, "gpu")[0] == "lora"
+    mode, why = serving_mode("auto", {"language-id": one, "x": other}, "cpu")
     assert mode == "lora" and "2 adapters share one base" in why
-    assert serving_mode("lora", {"language-id": one}, "language-id", "cpu") == ("lora", "student.serving: lora")
-    assert serving_mode("merged", {"language-id": one}, "language-id", "gpu")[0] == "merged"
+    assert serving_mode("lora", {"language-id": one}, "cpu") == ("lora", "serving: lora")
+    assert serving_mode("merged", {"language-id": one}, "gpu")[0] == "merged"
     with pytest.raises(ConfigError, match="folds one adapter"):
-        serving_mode("merged", {"language-id": one, "x": other}, "language-id", "cpu")
+        serving_mode("merged", {"language-id": one, "x": other}, "cpu")
     with pytest.raises(ConfigError, match="cannot serve with LoRA"):
-        serving_mode("auto", {"language-id": moe, "x": other}, "language-id", "cpu")
+        serving_mode("auto", {"language-id": moe, "x": other}, "cpu")
 
 
 def test_the_adapter_digest_changes_with_its_contents(tmp_path):
-    from serve.student import adapter_digest, merged_location
+    from distill.student_serving import adapter_digest, merged_location
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "adapter_config.json").write_text('{"r": 8}')

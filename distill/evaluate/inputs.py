@@ -130,25 +130,16 @@ def resolve_inputs(config: EvalConfig) -> Inputs:
     )
 
 
-def distilled_model(config: EvalConfig, inputs: Inputs) -> tuple[str, Optional[str], str]:
-    """(engine model, adapter for LoRA or None, how it is served) for the distilled student."""
-    from distill.student_model import adapter_has_experts, merge_adapter_on_cluster
+def distilled_model(config: EvalConfig, inputs: Inputs):
+    """The distilled student as it ships (`distill.student_serving.student_artifact`, the decision serving makes
+    too): the base + the adapter with LoRA on GPUs, the merged model on CPUs — the training run's OUT/merged when it
+    holds this adapter, else merged once beside the adapter, where `distill serve` finds it."""
+    from distill.student_serving import student_artifact
 
-    adapter_config = read_json(join(inputs.adapter, "adapter_config.json")) or {}
-    serving = config.student_serving
-    if serving == "auto":
-        gpu = resolve_device(config.engine.device) == "gpu"
-        serving = "lora" if gpu and not adapter_has_experts(adapter_config) else "merged"
-    if serving == "lora":
-        return inputs.student, inputs.adapter, "lora"
     summary = inputs.summary or {}
-    if summary.get("merged") and summary.get("adapter") == inputs.adapter and exists(join(summary["merged"],
-                                                                                        "config.json")):
-        return summary["merged"], None, "merged"
-    dest = join(config.output, "merged-student")
-    log.info("merging %s into %s at %s (a Ray task: every engine node reads the result)", inputs.adapter,
-             inputs.student, dest)
-    return merge_adapter_on_cluster(inputs.student, inputs.adapter, dest), None, "merged"
+    trained_merge = summary.get("merged") if summary.get("adapter") == inputs.adapter else None
+    return student_artifact(inputs.student, {inputs.task.name: inputs.adapter}, config.student_serving,
+                            resolve_device(config.engine.device), inputs.task.name, trained_merge)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,10 +18,11 @@ from distill.evaluate.config import EvalConfig
 from distill.evaluate.inputs import EnginePass, Inputs
 from distill.evaluate.scores import RUN_TITLES, RUNS
 from distill.selective import confidence
+from distill.student_serving import StudentArtifact
 from distill.tasks import TaskSpec, split_reasoning
 
 
-def build_report(config: EvalConfig, inputs: Inputs, passes: dict[str, EnginePass], planned: dict, serving: str,
+def build_report(config: EvalConfig, inputs: Inputs, passes: dict[str, EnginePass], planned: dict, serving: StudentArtifact,
                  tokenizer, seconds: float) -> tuple[dict, dict]:
     task, rows = inputs.task, inputs.rows
     is_labels = task.answer.type == "labels"
@@ -119,7 +120,10 @@ def build_report(config: EvalConfig, inputs: Inputs, passes: dict[str, EnginePas
         "inputs": {"data": inputs.data, "train": inputs.train, "split": config.split if not config.data else None,
                    "rows": len(rows), "rows_with_gold": sum(g is not None for g in gold), "limit": config.limit,
                    "teacher": inputs.teacher, "student": inputs.student, "adapter": inputs.adapter,
-                   "student_constrained": config.student_constrained, "student_serving": serving,
+                   "student_constrained": config.student_constrained, "student_serving": serving.mode,
+                   # The artifact that was judged: what `distill serve` loads for this adapter.
+                   "student_artifact": {"mode": serving.mode, "engine_model": serving.engine_model,
+                                        "lora": serving.engine_adapter, "why": serving.why},
                    "engine": engine_facts(config.engine)},
         "headline": headline,
         "verdict": verdict,

@@ -69,6 +69,10 @@ class TrainConfig(StrictModel):
         "KL, `on_policy`); start it from an SFT adapter with init_adapter for on-policy after SFT.")
     on_policy: OnPolicyOptions = Field(default_factory=OnPolicyOptions, description="Options of method on-policy.")
     workers: int = Field(1, ge=1, description="Ray Train workers; the model is sharded over them with FSDP2.")
+    shard_group_size: Optional[int] = Field(
+        None, ge=1, description="Workers that shard the student together; the groups replicate it (HSDP). Unset: "
+        "all workers when they share a node, the workers of one node when the run spans nodes (only the LoRA "
+        "gradients cross nodes). Must divide workers.")
     device: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="auto: one GPU per worker when the cluster has GPUs, else CPU.")
     cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker (its torch threads).")
@@ -145,4 +149,7 @@ class TrainConfig(StrictModel):
 
 
 # Options that may change between a crashed run and its rerun without changing what is trained.
-RERUN_FREE = {"max_failures", "fail_at_step", "merge", "export", "cpus_per_worker", "device", "log_every"}
+# The world size may change too (spot nodes lost or added) while the global batch stays: every step then trains on
+# the same examples (see StepPlan) and the sharded checkpoint reshards to the new world.
+RERUN_FREE = {"max_failures", "fail_at_step", "merge", "export", "cpus_per_worker", "device", "log_every",
+              "workers", "gradient_accumulation", "shard_group_size"}

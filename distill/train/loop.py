@@ -9,18 +9,21 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import pyarrow.fs as pafs
 
-from distill.checkpoints import MetricsLog, attempts_wall_s, load_checkpoint, save_checkpoint
+from distill.checkpoints import MetricsLog, attempts_wall_s, export_adapter, load_checkpoint, save_checkpoint
 from distill.storage import join, resolve, staged_dir
 from distill.tasks import TaskSpec
 from distill.train.config import TrainConfig
 from distill.train.data import PreparedData
+from distill.train.mesh import MeshLayout, device_mesh, mesh_layout
 from distill.train.examples import rank_steps, read_examples, shard_evenly
 from distill.train.step import collate, greedy_agreement, lr_factor, packed_attention, token_losses
 
@@ -55,7 +58,7 @@ def train_loop(args: dict) -> None:
         save = done % config.checkpoint_every == 0 or done == total
         stop = False
         if save or done % config.eval_every == 0:
-            row.update(worker.validate())
+            row.update(worker.validate(), sharding=worker.sharding.describe())
             improved, stop = worker.judge(row)
             stop = stop and done < total
             save = save or improved or stop  # the best so far is always kept (export may pick it), and the last
@@ -92,6 +95,7 @@ class Worker:
         self.device = ray.train.torch.get_device()
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, int(config.cpus_per_worker)))  # the cores Ray reserved for this worker
+        self.sharding = self.sharding_layout()
         precision = self.placement.precision
         # bf16: base stored in bf16 and every parameter cast to bf16 for compute, gradients reduced in fp32.
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -101,7 +105,7 @@ class Worker:
             config.seed, torch.float32 if precision == "fp32" else torch.bfloat16, self.device,
             packed_attention() if config.packing else "sdpa",
             config.gradient_checkpointing if config.gradient_checkpointing is not None else self.placement.use_gpu,
-            policy)
+            policy, device_mesh(self.sharding, self.device.type))
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
         total = self.prep.steps
@@ -121,6 +125,19 @@ class Worker:
         self.tokenizer = AutoTokenizer.from_pretrained(config.student)
         self.examples_seen = sum(self.prep.step_examples[:self.state["step"]])
         self.t_start = time.monotonic() - self.state["elapsed_s"]
+
+    def sharding_layout(self) -> MeshLayout:
+        """FSDP2 over every worker on one node, HSDP (shard within a node, replicate across) when the run spans
+        nodes, or the shard groups the config sets; every rank learns every rank's node to decide the same."""
+        import ray
+        import torch.distributed as dist
+
+        nodes: list = [None] * self.world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        layout = mesh_layout(nodes, self.config.shard_group_size)
+        if self.rank == 0:
+            log.info("training workers on %d node(s): %s", len(set(nodes)), layout.describe())
+        return layout
 
     def planned_steps(self):
         """(step, micro-batches of examples, when the step started) for every step from the resumed one to the
@@ -280,24 +297,39 @@ def fit(config: TrainConfig, prepared: PreparedData, task, select_by: str, place
     return result
 
 
-def export(config: TrainConfig, result) -> dict[str, Any]:
-    """Copy the chosen checkpoint's adapter to OUT/adapter (whole, see `staged_dir`); optionally merge it into the
-    base on a worker node (OUT/merged). The checkpoint is read locally (Ray downloads it from an object store)."""
-    from distill.student_model import merge_adapter_on_cluster
+def export(config: TrainConfig, result, placement: Placement) -> dict[str, Any]:
+    """The chosen checkpoint's LoRA weights as a PEFT adapter in OUT/adapter (whole, see `staged_dir`), exported
+    once here from the sharded checkpoint; optionally merged into the base by a Ray task (OUT/merged, with the
+    marker that lets evaluation and serving reuse it)."""
+    from distill.student_serving import fold
 
     scored = [(m["score"], m["step"], m, c) for c, m in (result.best_checkpoints or [])]
     if not scored:
         raise RuntimeError("training finished without a checkpoint")
     _, best_step, best, best_checkpoint = min(scored, key=lambda t: (t[0], t[1]))
     chosen = best_checkpoint if config.export == "best" else result.checkpoint
-    with chosen.as_directory() as path:
+    with checkpoint_parts(chosen, ("model", "adapter_config.json", "trainer_state.json")) as path:
         chosen_step = json.loads(Path(path, "trainer_state.json").read_text())["step"]
         with staged_dir(join(config.output, "adapter")) as staging:
-            shutil.copytree(os.path.join(path, "adapter"), staging, dirs_exist_ok=True)
+            export_adapter(path, staging)
     if config.merge:
-        merge_adapter_on_cluster(config.student, join(config.output, "adapter"), join(config.output, "merged"))
+        fold(config.student, join(config.output, "adapter"), join(config.output, "merged"),
+             "gpu" if placement.use_gpu else "cpu")
     return {"best_val_loss": best.get("val_loss"), "best_val_agreement": best.get("val_agreement"),
-            "best_step": best_step, "adapter_step": chosen_step}
+            "best_step": best_step, "adapter_step": chosen_step, "sharding": best.get("sharding")}
+
+
+@contextmanager
+def checkpoint_parts(checkpoint, parts: tuple[str, ...]):
+    """A local folder with only these files and folders of a Ray checkpoint: exporting the adapter reads the LoRA
+    weights, not the optimizer states that are two thirds of a checkpoint (~10 GB for the 30B MoE student)."""
+    with tempfile.TemporaryDirectory(prefix="distill-export-") as local:
+        for part in parts:
+            if checkpoint.filesystem.get_file_info(f"{checkpoint.path}/{part}").type == pafs.FileType.Directory:
+                os.makedirs(f"{local}/{part}")  # copy_files fills a folder; it does not make it
+            pafs.copy_files(f"{checkpoint.path}/{part}", f"{local}/{part}", source_filesystem=checkpoint.filesystem,
+                            destination_filesystem=pafs.LocalFileSystem())
+        yield local
 
 
 def train_summary(config: TrainConfig, prepared: PreparedData, exported: dict, rounds: Optional[list[dict]],

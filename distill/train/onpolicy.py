@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 
 from distill.checkpoints import read_metrics
 from distill.config import ConfigError
-from distill.engine import EngineConfig, run_requests
+from distill.engine import EngineConfig, resolve_device, run_requests
 from distill.scoring import ENGINE_ARGS, scoring_sampling
 from distill.storage import join, local_dir, read_columns, read_json, resolve, staged_dir, write_json
 from distill.tasks import TaskSpec
@@ -38,13 +38,14 @@ log = logging.getLogger("distill.train.onpolicy")
 
 
 def sample_answers(rows: list[dict], task: TaskSpec, student: str, engine: EngineConfig, temperature: float,
-                   max_tokens: int, seed: int, tokenizer=None) -> dict[str, dict]:
+                   max_tokens: int, seed: int, tokenizer=None, adapter: str | None = None) -> dict[str, dict]:
     """{id: {prompt_ids, tokens}}: the student's own answer to each query, no prompt, sampled at `temperature`
-    (`tokenizer`: the student's, for a `student` folder the driver cannot read, a merged one in a store)."""
+    (`tokenizer`: the student's, for a `student` folder the driver cannot read, a merged one in a store;
+    `adapter`: the policy's LoRA adapter, where the student is served with LoRA)."""
     requests = [{"key": r["id"], "messages": task.student_messages(r["text"]),
                  "sampling_params": {"temperature": temperature, "max_tokens": max_tokens}} for r in rows]
     results, wall = run_requests("on-policy: student samples", requests, student, engine, seed=seed,
-                                 tokenizer=tokenizer)
+                                 tokenizer=tokenizer, adapter=adapter)
     out = {k: {"prompt_ids": v["prompt_token_ids"], "tokens": v["generated_tokens"]} for k, v in results.items()
            if not v["error"] and v["generated_tokens"]}
     log.info("student sampled %d answers of %d queries in %.0fs", len(out), len(rows), wall)
@@ -188,7 +189,7 @@ def train_rounds(config: TrainConfig, tokenizer, task, prepared: PreparedData, s
     the training queries without the prompt, the prompted teacher scores those tokens, Ray Train minimises the
     reverse KL on them starting from the current adapter. A finished round is skipped on a rerun; a round's samples
     and scores are kept, so its training resumes on exactly the same data. OUT/adapter is the last round's."""
-    from distill.student_model import merge_adapter_on_cluster
+    from distill.student_serving import fold, student_artifact
 
     op = config.on_policy
     teacher = op.teacher or (prepared.teacher if isinstance(prepared.teacher, str) else None)
@@ -215,10 +216,12 @@ def train_rounds(config: TrainConfig, tokenizer, task, prepared: PreparedData, s
             if fs.get_file_info(cached).type == pafs.FileType.NotFound:
                 rng = np.random.default_rng([config.seed, r])
                 queries = [texts[i] for i in sorted(rng.permutation(len(texts))[:op.queries_per_round or len(texts)])]
-                model = config.student if policy is None else merge_adapter_on_cluster(
-                    config.student, policy, join(rdir, "policy-merged"))
-                samples = sample_answers(queries, task, model, op.engine, op.temperature, max_tokens, config.seed + r,
-                                         tokenizer)
+                # The policy samples as it would be served (LoRA on GPUs, merged on CPUs): the same decision.
+                policy_served = student_artifact(config.student, {task.name: policy} if policy else {}, "auto",
+                                                 resolve_device(op.engine.device), task.name,
+                                                 join(rdir, "policy-merged"))
+                samples = sample_answers(queries, task, policy_served.engine_model, op.engine, op.temperature,
+                                         max_tokens, config.seed + r, tokenizer, policy_served.engine_adapter)
                 scores = score_with_teacher(queries, samples, task, teacher, op.engine, op.top_k, config.seed + r,
                                             grammar)
                 round_examples, counts = examples(samples, scores, config.max_length)
@@ -243,7 +246,7 @@ def train_rounds(config: TrainConfig, tokenizer, task, prepared: PreparedData, s
                                                               config.workers),
                                      **step_totals(round_examples, plan.steps), steps_per_epoch=len(plan))
             round_config = config.model_copy(update={"output": rdir, "init_adapter": policy, "merge": False})
-            exported = export(round_config, fit(round_config, round_prepared, task, select_by, placement))
+            exported = export(round_config, fit(round_config, round_prepared, task, select_by, placement), placement)
             done = {"complete": True, "round": r, "planned_steps": len(plan), "policy": policy,
                     **(read_json(join(rdir, "samples.json")) or {}), **exported}
             write_json(join(rdir, "round.json"), done)
@@ -258,7 +261,8 @@ def train_rounds(config: TrainConfig, tokenizer, task, prepared: PreparedData, s
     with staged_dir(join(config.output, "adapter")) as staging, local_dir(policy) as last:
         shutil.copytree(last, staging, dirs_exist_ok=True)
     if config.merge:
-        merge_adapter_on_cluster(config.student, join(config.output, "adapter"), join(config.output, "merged"))
+        fold(config.student, join(config.output, "adapter"), join(config.output, "merged"),
+             "gpu" if placement.use_gpu else "cpu")
     last = rounds[-1]
     return {"best_val_loss": last.get("best_val_loss"), "best_val_agreement": last.get("best_val_agreement"),
             "best_step": last["best_step"] + offset - last["planned_steps"], "adapter_step": offset}, rounds
