@@ -178,11 +178,23 @@ def test_an_unknown_model_names_itself(monkeypatch):
 
 
 def test_run_stops_on_the_refusal_before_ray_starts():
-    from pipelines import run
-
-    with pytest.raises(ConfigError, match="the run does not fit"):
-        run.main(run_config(QWEN_30B, **{"cluster.gpu_memory_gib": 24}))
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    # In a fresh interpreter: in this one an earlier test may already have started Ray.
+    script = f"""
+import sys
+from distill.config import ConfigError
+from pipelines import run
+from tests.test_plan import QWEN_30B, run_config
+try:
+    run.main(run_config(QWEN_30B, **{{"cluster.gpu_memory_gib": 24}}))
+except ConfigError as error:
+    assert "the run does not fit" in str(error), error
+else:
+    raise SystemExit("the run was not refused")
+print("ray started:", "ray" in sys.modules and sys.modules["ray"].is_initialized())
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ray started: False" in done.stdout
 
 
 def test_the_cli_prints_the_plan_and_refuses_with_status_2(tmp_path):
