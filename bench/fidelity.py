@@ -4,7 +4,7 @@
     python -m bench.fidelity --data runs/demo/generate --demo runs/demo   # after `make demo`: reuses its soft SFT
 
 Four methods, each the same number of optimizer steps of the same batch on the same generation output (the
-demo's: SmolLM2 teaching itself language-id), each evaluated by `distill eval` on the same test split:
+demo's: SmolLM2 teaching itself support-routing), each evaluated by `distill eval` on the same test split:
 - hard SFT: the teacher's sampled answers as targets (soft_label_weight 0);
 - soft SFT: the same plus KL to the teacher's top-20 logprobs at each answer token (the default where free);
 - on-policy: the student samples answers without the prompt, the prompted teacher scores those tokens under the
@@ -29,7 +29,7 @@ from distill.storage import read_json
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo.yaml"
-DEMO_STEPS = 18  # one epoch of the demo's ~140 training rows at 8 per step, what `make demo` trains
+DEMO_STEPS = 80  # the demo's max_steps: 80 steps of 8 of its ~560 training rows, what `make demo` trains
 
 
 def methods(train: dict[str, Any], steps: int, engine: dict[str, Any]) -> list[tuple[str, str, list[dict]]]:
@@ -126,7 +126,7 @@ def main(data: str | None = None, steps: int | None = None, keep: str | None = N
     demo_summary = read_json(str(Path(demo) / "train" / "train_summary.json")) if demo else None
     if demo and not demo_summary:
         raise SystemExit(f"--demo {demo}: no train/train_summary.json there (run `make demo` first)")
-    # The demo trains one epoch (its max_steps only caps longer data): its planned steps are the budget.
+    # The demo's planned steps (its max_steps, or one epoch where that is shorter) are the budget.
     steps = steps or (demo_summary["planned_steps"] if demo_summary else DEMO_STEPS)
     eval_config = demo_config.get("eval", {})
     engine = eval_config.get("engine", {})
@@ -135,7 +135,8 @@ def main(data: str | None = None, steps: int | None = None, keep: str | None = N
         if data is None:
             data = str(work / "generate")
             gen = work / "generate.yaml"
-            gen.write_text(yaml.safe_dump({**demo_config["generate"], "task": demo_config["task"]}))
+            gen.write_text(yaml.safe_dump({**demo_config["generate"], "task": demo_config["task"],
+                                           **({"input": demo_config["input"]} if "input" in demo_config else {})}))
             run_script(["-m", "pipelines.cli", "generate", "--output", data, "--config", str(gen)], timeout=3600)
         results = {}
         for key, title, configs in methods(train, steps, engine):

@@ -114,6 +114,47 @@ def memory_figure(model_dir: str) -> tuple[dict, tuple[str, str, str, str]]:
     return {"one_worker": one, "two_workers": two, "model_share_gib": share, "ratio": ratio}, row
 
 
+# The machine's dense matrix-multiply peak in the training precision, every core: what MFU is measured against.
+MATMUL_PEAK = """
+import json, sys, time, torch
+dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[sys.argv[1]]
+n = 2048
+a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+for _ in range(3):
+    a @ b
+best = 0.0
+for _ in range(5):
+    t0, reps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 1.0:
+        a @ b
+        reps += 1
+    best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+print("BENCH_PEAK " + json.dumps({"flops": best, "threads": torch.get_num_threads(), "n": n}), flush=True)
+"""
+
+
+def matmul_peak(precision: str) -> dict:
+    """The best FLOP/s of 2048x2048 matmuls in `precision` (bf16 or fp32) over five 1-second windows, in a fresh
+    process with torch's default threads (all cores)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", MATMUL_PEAK, precision], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    return json.loads(next(line for line in out.splitlines() if line.startswith("BENCH_PEAK "))[len("BENCH_PEAK "):])
+
+
+def model_flops_utilization(summary: dict, params: int, peak: dict) -> dict:
+    """MFU of LoRA training: per token, the forward (2N), the backward through the frozen base to reach the
+    adapters of earlier layers (2N; no weight gradients of the base), and the forward again when gradient
+    checkpointing recomputes it (2N); the adapters' own FLOPs (<1 % of N here) are left out. Tokens are the
+    packed tokens trained per second (padding excluded)."""
+    per_token = (6 if summary.get("gradient_checkpointing") else 4) * params
+    achieved = per_token * summary["tokens_per_s"]
+    return {"flops_per_token": per_token, "achieved_flops": achieved, "peak_flops": peak["flops"],
+            "mfu": achieved / peak["flops"], "params": params}
+
+
 def main(rows: int = 104, batch_size: int = 8) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         summary = train_student(Path(tmp), rows, batch_size)
@@ -126,10 +167,18 @@ def main(rows: int = 104, batch_size: int = 8) -> None:
               f"{ratio:.2f}× ({summary['tokens_per_s']:.0f} vs {baseline['tokens_per_s']:.0f} tokens/s; padding "
               f"waste {summary['padding_waste']:.0%} packed vs {summary['padding_waste_unpacked']:.0%} padded; "
               f"{summary['precision']})", "≥ 3×", verdict(ratio, 3))]
+    from distill.model_facts import model_facts
+
+    peak = matmul_peak(summary["precision"])
+    mfu = model_flops_utilization(summary, model_facts(default_model_dir()).params, peak)
+    table.append(("training MFU: model FLOPs per second ÷ this machine's measured matmul peak",
+                  f"{mfu['mfu']:.1%} ({mfu['achieved_flops'] / 1e9:.0f} of {peak['flops'] / 1e9:.0f} GFLOP/s "
+                  f"{summary['precision']} on {peak['threads']} threads; {mfu['flops_per_token'] / 1e9:.2f} "
+                  "GFLOP per token)", "reported", "—"))
     memory, row = memory_figure(default_model_dir())
     table.append(row)
     write_result("training", {"rows": rows, "batch_size": batch_size, "distill_train": summary,
-                              "baseline": baseline, "ratio": ratio, "memory_per_worker": memory}, table)
+                              "baseline": baseline, "ratio": ratio, "mfu": mfu, "memory_per_worker": memory}, table)
 
 
 if __name__ == "__main__":

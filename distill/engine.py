@@ -11,6 +11,7 @@ from typing import Any, Iterable, Literal, Optional
 from pydantic import Field, model_validator
 
 from distill.config import ConfigError, StrictModel
+from distill.console import Progress
 from distill.hardware import cpu_flags, engine_dtype
 from distill.storage import join, read_json
 
@@ -348,7 +349,12 @@ def run_requests(name: str, requests: list[dict], model: str, config: EngineConf
     table = pa.Table.from_pylist([{"key": r["key"], prompt_kind: r[prompt_kind],
                                    "sampling_params": complete(r["sampling_params"])} for r in requests])
     ds = ray.data.from_arrow(table).repartition(target_num_rows_per_block=config.batch_size)
-    results = {out["key"]: out for out in processor(ds).iter_rows()}
+    progress = Progress(name, len(requests), "requests")
+    results = {}
+    for out in processor(ds).iter_rows():
+        results[out["key"]] = out
+        progress.update(len(results))
+    progress.close()
     wall = time.monotonic() - t0
     missing = {r["key"] for r in requests} - set(results)
     if missing:

@@ -53,12 +53,12 @@ def main(config: EvalConfig) -> dict[str, Any]:
                  inputs.data, task.name, inputs.teacher, inputs.student, inputs.adapter)
         init_ray()
         tokenizer = AutoTokenizer.from_pretrained(inputs.student)
-        requests, planned = plan_requests(config, inputs, tokenizer)
+        teacher_tokenizer = AutoTokenizer.from_pretrained(inputs.teacher)
+        requests, planned = plan_requests(config, inputs, tokenizer, teacher_tokenizer)
         artifact = distilled_model(config, inputs)
         # One engine per model, one after another, so no pass is timed while another one computes. The base and
         # the distilled student never share a LoRA-enabled engine: on vLLM CPU (0.32) a batch that mixed requests
         # with and without a LoRA applied the adapter to the base requests too.
-        teacher_tokenizer = AutoTokenizer.from_pretrained(inputs.teacher)
         opened = task.teacher_opens_reasoning(teacher_tokenizer, inputs.teacher)
         runs = (("teacher", "teacher", inputs.teacher, teacher_tokenizer,
                  {"chat_template_kwargs": task.teacher_template_kwargs()}),

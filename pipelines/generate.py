@@ -51,7 +51,7 @@ def main(config: GenerateConfig) -> dict[str, Any]:
     # A teacher that reasons is asked no logprobs while it generates: they would cover every reasoning token
     # (thousands) where only the answer's are kept. Its answers are scored after the reasoning instead.
     soft_labels_after = config.logprobs > 0 and reasons(task, opened)
-    sampling = teacher_sampling(task, config.temperature, 0 if soft_labels_after else config.logprobs)
+    sampling = teacher_sampling(task, tokenizer, config.temperature, 0 if soft_labels_after else config.logprobs)
     # Before anything is reused: a complete or partial output made with other settings is an error, not a skip.
     check_settings(join(out, "settings.json"), settings_fingerprint(config, task, sampling), "a generation run")
     existing = read_json(manifest_path)

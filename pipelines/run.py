@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
 from distill.config import StrictModel, build_config
+from distill.console import CONSOLE, collect_ray_logs
 from distill.local_models import default_model_dir, sample_data_path
 from distill.plan import ClusterSpec, RunPlan
 from distill.storage import join, read_json, write_json
@@ -58,6 +63,11 @@ class RunConfig(StrictModel):
     generate: dict[str, Any] = Field(default_factory=dict, description="GenerateConfig options (pipelines/generate.py).")
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig options (pipelines/train.py).")
     eval: dict[str, Any] = Field(default_factory=dict, description="EvalConfig options (pipelines/evaluate.py).")
+    console: Literal["progress", "full"] = Field(
+        "progress", description="What `distill run` prints. progress: the plan, one progress line per stage, the "
+        "headline and the report's path; distill's log in OUTPUT/logs/distill.log (a local folder under the system "
+        "temp folder for object-store outputs), Ray's and the engines' logs in Ray's session folder, copied to "
+        "OUTPUT/logs/ray when the run started its own cluster. full: every log line on the console.")
     cluster: Optional[ClusterSpec] = Field(
         None, description="The GPUs the run is planned for (distill.plan; `distill plan` prints the plan): GPU "
         "memory in GiB and GPUs per node. Unset: this machine's GPU, else its host memory for CPU stages (a driver "
@@ -118,6 +128,13 @@ def plan_lines(config: RunConfig) -> list[str]:
              + (f" as capped by ONEDNN_MAX_CPU_ISA={os.environ['ONEDNN_MAX_CPU_ISA']}"
                 if os.environ.get("ONEDNN_MAX_CPU_ISA") else "")
              + f", {facts['driver_cpu']}, {os.cpu_count()} cores)"]
+    # Where the minutes go besides the work itself: every engine and every training run starts up first (on a
+    # 2-core CPU, 15-60 s per vLLM engine), and the progress lines and the summary report each start-up measured.
+    starts = {"generate": f"1 teacher engine (+1 per retry attempt with unparsed answers, up to {g.retries})",
+              "train": (f"{t.on_policy.rounds} round(s) of 2 engines (student samples, teacher scores) + 1 "
+                        "training run each" if t.method == "on-policy" else "1 training run"),
+              "eval": "3 engines, one after another (teacher, base student, distilled student)"}
+    lines.append("start-ups: " + "; ".join(f"{stage} {starts[stage]}" for stage in config.stages))
     return lines + ([f"why this size: {config.sizing}"] if config.sizing else [])
 
 
@@ -130,8 +147,7 @@ def resource_plan(config: RunConfig, source: str = "the run") -> RunPlan:
 
 
 def main(config: RunConfig) -> dict[str, Any]:
-    from distill.ray_init import init_ray
-    from pipelines import evaluate, generate, train
+    from distill.ray_init import STARTED_SESSION, init_ray
 
     # Before Ray or any engine starts: a run that cannot fit stops here, with the figure that does not.
     planned = resource_plan(config)
@@ -143,25 +159,39 @@ def main(config: RunConfig) -> dict[str, Any]:
     record_path = join(config.output, "run.json")
     record = read_json(record_path) or {"stages": {}}
     record["config"] = config.model_dump()
-    for stage in config.stages:
-        t0 = time.monotonic()
-        if stage == "generate":
-            manifest = generate.main(config.generate_config())
-            result = {k: manifest[k] for k in ("rows_in", "rows_written", "rows_rejected")}
-        elif stage == "train":
-            summary = train.main(config.train_config())
-            result = {k: summary.get(k) for k in ("steps", "final_loss", "final_val_loss", "best_val_loss")}
-        else:
-            # evaluate.main checks the settings first, then returns a finished report as it is.
-            report = evaluate.main(config.eval_config())
-            result = {"report": join(config.stage_dir("eval"), "report.html"), "headline": report["headline"],
-                      "verdict": report["verdict"]["text"]}
-        record["stages"][stage] = {**result, "seconds_this_run": round(time.monotonic() - t0, 3)}
-        write_json(record_path, record)  # progress survives a preemption between stages
-        log.info("stage %s done in %.0fs: %s", stage, time.monotonic() - t0, result)
+    try:
+        for stage in config.stages:
+            record["stages"][stage] = run_stage(config, stage)
+            write_json(record_path, record)  # progress survives a preemption between stages
+    finally:
+        logs = collect_ray_logs(STARTED_SESSION.get("dir"))
+        if logs:
+            log.info("Ray and engine logs copied to %s", logs)
     record["complete"] = list(config.stages) == list(STAGES)
     write_json(record_path, record)
     return record
+
+
+def run_stage(config: RunConfig, stage: Stage) -> dict[str, Any]:
+    """One stage; what it produced, its time, and the time of each of its parts (engine passes, training runs)
+    with their start-ups (an engine's from its launch to its first answer)."""
+    from pipelines import evaluate, generate, train
+
+    t0, first_part = time.monotonic(), len(CONSOLE.finished)
+    if stage == "generate":
+        manifest = generate.main(config.generate_config())
+        result = {k: manifest[k] for k in ("rows_in", "rows_written", "rows_rejected")}
+    elif stage == "train":
+        summary = train.main(config.train_config())
+        result = {k: summary.get(k) for k in ("steps", "final_loss", "final_val_loss", "best_val_loss")}
+    else:
+        # evaluate.main checks the settings first, then returns a finished report as it is.
+        report = evaluate.main(config.eval_config())
+        result = {"report": join(config.stage_dir("eval"), "report.html"), "headline": report["headline"],
+                  "verdict": report["verdict"]["text"]}
+    seconds = time.monotonic() - t0
+    log.info("stage %s done in %.0fs: %s", stage, seconds, result)
+    return {**result, "seconds_this_run": round(seconds, 3), "parts": CONSOLE.finished[first_part:]}
 
 
 def add_cli(subparsers) -> None:
@@ -192,15 +222,42 @@ def _plan_cli(args) -> None:
     planned.check()
 
 
+def logs_folder(output: str) -> Path:
+    """OUTPUT/logs for a local output; for an object store, a local folder named after it (logs are appended
+    line by line, which an object store cannot do)."""
+    from distill.storage import is_local, resolve
+
+    if is_local(resolve(output)[0]):
+        return Path(output) / "logs"
+    return Path(tempfile.gettempdir()) / "distill-logs" / re.sub(r"[^A-Za-z0-9_.-]+", "_", output)
+
+
 def _cli(args) -> None:
     from distill.config import config_from_args
+    from distill.console import configure, duration
     from distill.evaluate.render import headline_lines
 
     config = config_from_args(RunConfig, args)
-    record = main(config)
+    logs = logs_folder(config.output)
+    configure(config.console, logs)
+    try:
+        record = main(config)
+    except BaseException:
+        if config.console == "progress":
+            print(f"distill: the run stopped; its logs: {logs} (distill.log, ray/)", file=sys.stderr, flush=True)
+        raise
     for stage, result in record["stages"].items():
-        print(f"{stage}: {result}" if stage != "eval" else "eval:")
+        parts = "; ".join(f"{p['part']} {duration(p['seconds'])}"
+                          + (f" (start-up {duration(p['start_up_s'])})" if p.get("start_up_s") is not None else "")
+                          for p in result.get("parts") or [])
+        took = f"{duration(result['seconds_this_run'])}" + (f": {parts}" if parts else "")
+        if stage == "eval":
+            print(f"eval: {took}")
+        else:
+            shown = {k: v for k, v in result.items() if k not in ("seconds_this_run", "parts")}
+            print(f"{stage}: {took}\n  {shown}")
     if "eval" in record["stages"]:
         print("\n".join("  " + line for line in headline_lines(read_json(join(config.stage_dir("eval"), "report.json")))))
         print(f"report: {record['stages']['eval']['report']}")
-    print(f"outputs: {config.output} (generate/, train/, eval/, run.json)")
+    print(f"outputs: {config.output} (generate/, train/, eval/, run.json)"
+          + (f"; logs: {logs}" if config.console == "progress" else ""))

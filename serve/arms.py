@@ -115,6 +115,7 @@ class LLMArm:
         self.config = (TeacherArmConfig if role == TEACHER_ROLE else StudentArmConfig).model_validate(arm_config)
         self.task = load_task(task_source)
         self.tokenizer = AutoTokenizer.from_pretrained(self.config.model)
+        self.allowed_tokens: dict[tuple[str, ...], Optional[list[int]]] = {}
         # A client's max_tokens bounds the visible answer; a thinking teacher reasons first, within the task's
         # reasoning budget. The template opening a think block with no budget set is refused here, before the
         # engine starts (TaskSpec.teacher_opens_reasoning), as is a context that cannot hold the prompt and both
@@ -194,6 +195,14 @@ class LLMArm:
                 "unfinished_requests": self.engine.get_num_unfinished_requests(),
                 "cancelled_streams": self.cancelled_streams}
 
+    def guided_params(self, choices: list[str], max_tokens: int) -> dict:
+        """distill.sampling.guided_choice for this arm's tokenizer; the allowed tokens of a choice set are computed
+        once, not per request."""
+        key = tuple(choices)
+        if key not in self.allowed_tokens:
+            self.allowed_tokens[key] = guided_choice(choices, 1, self.tokenizer).get("allowed_token_ids")
+        return {**guided_choice(choices, max_tokens), "allowed_token_ids": self.allowed_tokens[key]}
+
     def guided_choices_for(self, adapter: Optional[str]) -> Optional[list[str]]:
         """The choices are the task's labels: they bind the teacher and the task's own student (its adapter, or
         the base or merged model without one). Another task's adapter on the same engine answers its own task's
@@ -234,8 +243,10 @@ class LLMArm:
         prompt_ids = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         choices = self.guided_choices_for(lora.lora_name if lora else None)
         answer_tokens = req.max_tokens or self.default_max_tokens
+        guided = {}
         if choices:  # the one definition of constrained decoding and its token budget (distill.sampling)
-            answer_tokens = guided_choice(choices, answer_tokens)["max_tokens"]
+            guided = self.guided_params(choices, answer_tokens)
+            answer_tokens = guided["max_tokens"]
         max_tokens = self.reasoning_budget + answer_tokens
         if len(prompt_ids) + max_tokens > self.max_model_len:
             added = " (the task prompt included)" if self.role == TEACHER_ROLE else ""
@@ -249,6 +260,7 @@ class LLMArm:
             max_tokens=max_tokens,
             stop=req.stop,
             structured_outputs=StructuredOutputsParams(choice=choices) if choices else None,
+            allowed_token_ids=guided.get("allowed_token_ids"),  # the answers in the tokenizer's own spelling
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
             logprobs=1,  # the sampled token's logprob, for the answer's confidence
         )

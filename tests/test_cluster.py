@@ -211,6 +211,9 @@ def write_run(tmp: Path, name: str, tiny_model: str, rows: list[dict], stages: l
     config = tmp / f"{name}.yaml"
     config.write_text(json.dumps({
         "output": output, "teacher": tiny_model, "student": tiny_model, "input": queries, "stages": stages,
+        # Every log line in the job's log: the spot test reads the driver's timed progress lines, and a failure
+        # shows the engines' and Ray's own lines.
+        "console": "full",
         "generate": {"rows_per_shard": 1000, "flush_seconds": 2, "progress_seconds": 1,
                      "engine": {"batch_size": 8, "max_concurrent_batches": 2}},
         "train": {"workers": 2, "per_device_batch_size": 2, "gradient_accumulation": 1, "max_steps": 6, "epochs": 2,
@@ -271,9 +274,9 @@ def test_worker_node_lost_mid_generation_then_a_new_node_and_a_resubmit_finish_e
     """Kill the only worker node while the teacher answers (a spot reclaim): answers the driver had received by
     `flush_seconds` before the kill are in durable shards; a new node joins, the job is submitted again, and every
     id ends up exactly once."""
-    # 1,000 queries: the kill comes a few seconds after the first 100 are durable and must land with queries
-    # still to do; at 600 the tiny teacher had answered them all by then on 2 AVX-512 cores.
-    rows = sample_rows(1000)
+    # 2,000 queries: the kill comes 3 s after the first 100 are durable and must land with queries still to do;
+    # at 600 the tiny teacher had answered them all by then on 2 AVX-512 cores, and once at 1,000 (4 s wait).
+    rows = sample_rows(1000, copies=2)
     config, out = write_run(tmp_path, "spot", tiny_model, rows, ["generate"])
     cluster.submit(config, "spot")
     deadline = time.monotonic() + 600
@@ -281,7 +284,7 @@ def test_worker_node_lost_mid_generation_then_a_new_node_and_a_resubmit_finish_e
         assert time.monotonic() < deadline, cluster.logs("spot")[-4000:]
         assert cluster.status("spot") in {"PENDING", "RUNNING"}, cluster.logs("spot")[-4000:]
         time.sleep(1)
-    time.sleep(4)
+    time.sleep(3)  # the first progress line that counted written rows is now at least 3 s old
     killed_at = time.time()
     lost_node = cluster.workers[-1]
     kill_session(lost_node.pid)
@@ -293,8 +296,8 @@ def test_worker_node_lost_mid_generation_then_a_new_node_and_a_resubmit_finish_e
     # Bounded loss: every answer the driver had received flush_seconds (2 s) + 1 s before the kill is durable.
     received = [(time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")) + int(m.group(2)) / 1000,
                  int(m.group(3)))
-                for m in re.finditer(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d+) distill.generate INFO attempt 0: "
-                                     r"\d+/\d+ queries \(written (\d+)", cluster.logs("spot"))]
+                for m in re.finditer(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d+) distill.progress INFO generate: "
+                                     r"\d+/\d+ queries, .*?; written (\d+)", cluster.logs("spot"))]
     before_kill = [written for t, written in received if t <= killed_at - 3]
     assert before_kill, "the driver logged no progress before the kill"
     assert durable >= before_kill[-1]

@@ -204,6 +204,13 @@ def test_smollm2_end_to_end_on_sample_rows(tmp_path, ray_cluster, smollm2):
     assert manifest["rows_written"] == 50
     assert all(task.label_of(a) for a in data.column("answer").to_pylist())
     assert len(set(data.column("label").to_pylist())) >= 2, "a real model does not answer one label for everything"
+    # Each answer in the tokenizer's own spelling (distill.sampling.guided_choice), the tokens training scores.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    for answer, ids in zip(data.column("answer").to_pylist(), data.column("teacher_token_ids").to_pylist()):
+        assert ids[:-1] == tokenizer(answer, add_special_tokens=False)["input_ids"] and ids[-1] in \
+            tokenizer.all_special_ids, (answer, tokenizer.convert_ids_to_tokens(ids))
 
 
 def test_engine_environment_reaches_the_engine_actors(tiny_model):

@@ -179,13 +179,13 @@ def test_an_unknown_model_names_itself(monkeypatch):
 
 def test_run_stops_on_the_refusal_before_ray_starts():
     # In a fresh interpreter: in this one an earlier test may already have started Ray.
-    script = f"""
+    script = """
 import sys
 from distill.config import ConfigError
 from pipelines import run
 from tests.test_plan import QWEN_30B, run_config
 try:
-    run.main(run_config(QWEN_30B, **{{"cluster.gpu_memory_gib": 24}}))
+    run.main(run_config(QWEN_30B, **{"cluster.gpu_memory_gib": 24}))
 except ConfigError as error:
     assert "the run does not fit" in str(error), error
 else:

@@ -88,7 +88,7 @@ def test_engine_budgets_are_planned_and_a_setting_that_cannot_hold_them_is_refus
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_thinking)
     task = load_task(task_file)
-    sampling = teacher_sampling(task)
+    sampling = teacher_sampling(task, tokenizer)
     requests = [{"key": r["id"], "messages": task.teacher_messages(r["text"]), "sampling_params": sampling}
                 for r in SAMPLE[:6]]
     longest = max(len(tokenizer(tokenizer.apply_chat_template(r["messages"], add_generation_prompt=True,
@@ -101,7 +101,7 @@ def test_engine_budgets_are_planned_and_a_setting_that_cannot_hold_them_is_refus
         run_requests("teacher", requests, tiny_thinking, EngineConfig(max_model_len=1024), tokenizer=tokenizer)
     shipped = load_task(str(THINKING_TASK))  # 4,080 reasoning tokens: more than the double's 4,096 context holds
     with pytest.raises(ConfigError, match=r"more than the 4096 that .* holds \(max_position_embeddings\)"):
-        plan_pass("teacher", [{**r, "sampling_params": teacher_sampling(shipped)} for r in requests], tiny_thinking,
+        plan_pass("teacher", [{**r, "sampling_params": teacher_sampling(shipped, tokenizer)} for r in requests], tiny_thinking,
                   EngineConfig(), tokenizer)
     source = tmp_path / "q.jsonl"
     source.write_text("\n".join(json.dumps({"text": r["text"]}) for r in SAMPLE[:4]), encoding="utf-8")

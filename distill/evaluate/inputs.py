@@ -144,7 +144,8 @@ def distilled_model(config: EvalConfig, inputs: Inputs):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The engine passes' requests
-def plan_requests(config: EvalConfig, inputs: Inputs, tokenizer) -> tuple[dict[str, list[dict]], dict]:
+def plan_requests(config: EvalConfig, inputs: Inputs, tokenizer,
+                  teacher_tokenizer) -> tuple[dict[str, list[dict]], dict]:
     """Every request of every pass, keyed by `request_key(id, kind)`: answer (greedy), sample (teacher's second sample), a / b /
     c (the teacher's answer tokens scored by the base student without and with the prompt, and by the distilled
     student). Also returns the scored tokens and context lengths."""
@@ -156,10 +157,10 @@ def plan_requests(config: EvalConfig, inputs: Inputs, tokenizer) -> tuple[dict[s
         tokens[r["id"]] = {"a": plain, "b": prompted, "c": plain}
         context_lengths.append(len(prompted_ctx))
     longest = max(len(t["a"]) for t in tokens.values())
-    student = student_sampling(task, config.student_max_tokens or longest + 16, config.student_constrained,
+    student = student_sampling(task, config.student_max_tokens or longest + 16, tokenizer, config.student_constrained,
                                logprobs=1)
-    greedy_teacher = teacher_sampling(task, temperature=0.0)
-    sampled_teacher = teacher_sampling(task)
+    greedy_teacher = teacher_sampling(task, teacher_tokenizer, temperature=0.0)
+    sampled_teacher = teacher_sampling(task, teacher_tokenizer)
 
     def ask(r: dict, kind: str, messages: list[dict], sampling: dict) -> dict:
         return {"key": request_key(r["id"], kind), "messages": messages, "sampling_params": sampling}

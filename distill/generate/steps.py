@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from distill.chat import answer_start, answer_start_of_ids, teacher_output
 from distill.config import ConfigError
+from distill.console import Progress
 from distill.engine import model_context_limit, processor_config
 from distill.formats import DATA_SCHEMA, QUERY_SCHEMA, REJECT_SCHEMA
 from distill.inputs import read_queries, sampled_positions
@@ -291,7 +292,7 @@ def run_attempt(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any]
     def keep_pending(batch: pa.Table) -> pa.Table:
         return batch.filter(pc.is_in(batch["id"], value_set=ray.get(pending_ref)))
 
-    ds = ray.data.read_parquet(list_files(source), ray_remote_args={"num_cpus": 0.25})
+    ds = ray.data.read_parquet(list_files(source), num_cpus=0.25)
     ds = ds.map_batches(keep_pending, batch_format="pyarrow", num_cpus=0.25).select_columns(["id", "text", "gold", "row"])
     # Small blocks stream: answers reach the driver (and durable shards) a few batches at a time instead of one
     # block per staged file at the very end, and memory stays flat however many rows there are.
@@ -309,25 +310,17 @@ def run_attempt(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any]
     decider = Decider(config, task, attempt, writers, opens_reasoning, sampling["max_tokens"], tokenizer)
     try:
         groups: dict[str, list[dict]] = {}
-        t0 = last_log = time.monotonic()
-        first = None  # the rate counts from the first answer: engine start-up is not throughput
+        t0 = time.monotonic()
+        progress = Progress(f"generate (attempt {attempt})" if attempt else "generate", len(pending), "queries",
+                            config.progress_seconds)
         for row in results.iter_rows():
             group = groups.setdefault(row["id"], [])
             group.append(row)
             if len(group) == config.samples:
                 decider.decide(groups.pop(row["id"]))
-            now = time.monotonic()
-            if first is None:
-                first = now
-                log.info("attempt %d: first answer after %.0fs (engine start-up included)", attempt, now - t0)
-            if now - last_log >= config.progress_seconds:
-                last_log = now
-                finished = sum(decider.counts.values())
-                rate = finished / (now - first) if now > first else 0.0
-                eta = (len(pending) - finished) / rate if rate > 0 else float("inf")
-                log.info("attempt %d: %d/%d queries (written %d, retry %d, rejected %d), %.2f queries/s, eta %.0fs",
-                         attempt, finished, len(pending), decider.counts["written"], decider.counts["retried"],
-                         decider.counts["rejected"], rate, eta)
+            counts = decider.counts
+            progress.update(sum(counts.values()), f"written {counts['written']}, retry {counts['retried']}, "
+                            f"rejected {counts['rejected']}")
         if groups:
             raise RuntimeError(f"{len(groups)} queries came back with fewer than {config.samples} samples")
     except BaseException:
@@ -336,7 +329,9 @@ def run_attempt(config: GenerateConfig, task: TaskSpec, sampling: dict[str, Any]
         raise
     for w in writers.values():
         w.close()
+    progress.close()
     decider.counts["seconds"] = round(time.monotonic() - t0, 3)
+    decider.counts["start_up_seconds"] = round(progress.start_up_s or 0.0, 3)
     return decider.counts
 
 

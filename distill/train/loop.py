@@ -13,11 +13,13 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
 import pyarrow.fs as pafs
 
+from distill.console import Progress, Watching
 from distill.checkpoints import MetricsLog, attempts_wall_s, export_adapter, load_checkpoint, save_checkpoint
 from distill.storage import join, resolve, staged_dir
 from distill.tasks import TaskSpec
@@ -291,10 +293,24 @@ def fit(config: TrainConfig, prepared: PreparedData, task, select_by: str, place
                                                checkpoint_score_attribute="score", checkpoint_score_order="min"),
         ),
     )
-    result = trainer.fit()
+    with Watching(Progress("train", prepared.steps, "steps"), partial(steps_logged, fs, f"{out_path}/metrics.jsonl")):
+        result = trainer.fit()
     if result.error:
         raise result.error
     return result
+
+
+def steps_logged(fs, path: str) -> tuple[int, str]:
+    """The last step rank 0 logged in OUT/metrics.jsonl and its loss (the driver's view of training progress)."""
+    with fs.open_input_stream(path) as f:
+        lines = f.read().decode().strip().splitlines()
+    if not lines:
+        return 0, ""
+    row = json.loads(lines[-1])
+    note = f"loss {row['loss']:.3f}" if row.get("loss") is not None else ""
+    if row.get("val_agreement") is not None:
+        note += f", validation agreement {row['val_agreement']:.0%}"
+    return int(row["step"]), note
 
 
 def export(config: TrainConfig, result, placement: Placement) -> dict[str, Any]:
@@ -363,6 +379,8 @@ def train_summary(config: TrainConfig, prepared: PreparedData, exported: dict, r
         "data": config.data, "extra_data": config.extra_data, "held_out_from": config.held_out_from,
         "student": config.student, "task": prepared.task, "teacher": prepared.teacher,
         "workers": config.workers, "device": "gpu" if use_gpu else "cpu", "precision": precision,
+        "gradient_checkpointing": (config.gradient_checkpointing if config.gradient_checkpointing is not None
+                                   else use_gpu),
         "cpu": describe(flags),
         "adapter": join(out, "adapter"), "merged": join(out, "merged") if config.merge else None,
         "config": config.model_dump(),
