@@ -145,12 +145,12 @@ class Progress:
             parts.append(f"started up in {duration(self.start_up_s)}")
         return ", ".join(parts) + (f"; {self.note}" if self.note else "")
 
-    def update(self, done: int, note: str = "", force: bool = False) -> None:
+    def update(self, done: int, note: str = "") -> None:
         now = time.monotonic()
         if done and self.first is None:
             self.first, self.done_at_first = now, done
         self.done, self.note = done, note or self.note
-        if force or now - self.last_write >= (0.5 if self.tty else self.every_s):
+        if now - self.last_write >= (0.5 if self.tty else self.every_s):
             self.last_write = now
             self._write(self.line())
 
@@ -166,10 +166,9 @@ class Progress:
         return line
 
     def _write(self, text: str, final: bool = False) -> None:
+        log.info("%s", text)  # full mode: the console's line; progress mode: the file log keeps every line
         if CONSOLE.mode != "progress":
-            log.info("%s", text)
             return
-        log.info("%s", text)  # the file log keeps every line
         if self.tty:
             CONSOLE.stream.write("\r\033[K" + text + ("\n" if final else ""))
         else:
